@@ -1,0 +1,31 @@
+# Every target works from a fresh clone: it creates .venv and installs the project first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export WANDB_SILENT ?= true
+
+.PHONY: help install test test-slow train clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the project with its dev extras
+
+test: $(STAMP)  ## run the test suite (fast tests; under 10 minutes on 2 cores)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)  ## run the slow checks as well
+	$(PY) -m pytest -q -m slow
+
+train: $(STAMP)  ## the main job: clustering on MNIST (DATA_DIR=... to point at the files)
+	$(PY) -m aae_lightning fit --config configs/clustering.yaml $(if $(DATA_DIR),--data.data_dir=$(DATA_DIR))
+
+clean:  ## remove the virtual environment and run outputs
+	rm -rf $(VENV) runs

@@ -1,0 +1,20 @@
+"""Adversarial Autoencoders (Makhzani et al. 2015) as a PyTorch Lightning project."""
+
+from aae_lightning.codes import LatentCode
+from aae_lightning.data import FashionMNISTDataModule, ImageDataModule, MNISTDataModule, SVHNDataModule
+from aae_lightning.model import AdversarialAutoencoder
+from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
+
+__all__ = [
+    "AdversarialAutoencoder",
+    "CategoricalPrior",
+    "FashionMNISTDataModule",
+    "GaussianMixturePrior",
+    "GaussianPrior",
+    "ImageDataModule",
+    "LatentCode",
+    "MNISTDataModule",
+    "Prior",
+    "SVHNDataModule",
+    "SwissRollPrior",
+]

@@ -1,0 +1,34 @@
+"""``python -m aae_lightning fit|validate|test|predict --config FILE``: LightningCLI in omegaconf mode."""
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from aae_lightning.data import DataError, ImageDataModule
+from aae_lightning.model import AdversarialAutoencoder, NonFiniteLossError
+from aae_lightning.tracking import SaveConfigToRun, choose_wandb_mode
+
+
+class AAECLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        # The data decides the image shape and the number of classes; the model follows.
+        parser.link_arguments("data", "model.init_args.input_shape", compute_fn=lambda d: d.input_shape, apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.num_classes", compute_fn=lambda d: d.num_classes, apply_on="instantiate")
+
+
+def cli_main(args=None):
+    choose_wandb_mode()
+    try:
+        return AAECLI(
+            AdversarialAutoencoder,
+            ImageDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=SaveConfigToRun,
+            auto_configure_optimizers=False,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            args=args,
+        )
+    except (DataError, NonFiniteLossError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,266 @@
+"""In-memory image DataModules: each split is read once, scaled once, and batched by index.
+
+Per-sample PIL transforms cost more than the model at MNIST scale, so nothing here goes through
+a torchvision ``Dataset.__getitem__``; torchvision is used for what it is good at here, the
+download.
+"""
+
+import gzip
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torchvision
+
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DataError(RuntimeError):
+    """Data files are missing, truncated or malformed; the message says which and where they go."""
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (MNIST's format), plain or gzipped, checking its header against its size."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DataError(f"cannot read {path}: {err} (the file is corrupt or truncated; replace it)") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number); replace it with the original file")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated (header incomplete); replace it with the original file")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path} is truncated or corrupt: header says shape {shape} ({expected} bytes) "
+            f"but it holds {len(raw) - header} bytes; replace it with the original file"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+class TensorBatches:
+    """Iterates over index batches of in-memory tensors: the whole data path is one gather per batch.
+
+    Under DDP each process takes its own strided shard of the same seeded permutation.
+    """
+
+    def __init__(self, tensors, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1):
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def _num_samples(self) -> int:
+        return len(self.tensors[0]) // self.world_size
+
+    def __len__(self) -> int:
+        n = self._num_samples()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.tensors[0])
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            self.epoch += 1
+        else:
+            order = torch.arange(n)
+        order = order[self.rank : self._num_samples() * self.world_size : self.world_size]
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield tuple(t[idx] for t in self.tensors)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base for the in-memory image DataModules.
+
+    Args:
+        data_dir: where the dataset's files are (see each subclass for the accepted layouts).
+        download: download with torchvision when the files are missing (needs a network).
+        batch_size: training and evaluation batch size.
+        val_size: number of training images held out, by a seeded split, for validation.
+        seed: seed of the validation split and of the shuffling.
+    """
+
+    name: str = ""
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    num_classes: int = 10
+
+    def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 100, val_size: int = 5000, seed: int = 0):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"{type(self).__name__}: batch_size must be >= 1, got {batch_size}")
+        if val_size < 0:
+            raise ValueError(f"{type(self).__name__}: val_size must be >= 0, got {val_size}")
+        self.data_dir = Path(data_dir).expanduser()
+        self.download = download
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.seed = seed
+        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def load_split(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Images as uint8 (N, C, H, W) and integer labels (N,)."""
+        raise NotImplementedError
+
+    def _to_tensors(self, images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape or len(images) != len(labels):
+            raise DataError(
+                f"{self.name} in {self.data_dir}: expected images of shape (N, {', '.join(map(str, self.input_shape))}) "
+                f"and N labels, got images {tuple(images.shape)} and {len(labels)} labels"
+            )
+        return torch.from_numpy(images.astype(np.float32) / 255.0), torch.from_numpy(labels.astype(np.int64))
+
+    def prepare_data(self):
+        # Only where files are missing and downloading is allowed; runs on one process per node.
+        if self.download:
+            self.find_files()
+
+    def setup(self, stage: str):
+        if stage in ("fit", "validate") and "train" not in self.splits:
+            images, labels = self._to_tensors(*self.load_split(train=True))
+            if self.val_size >= len(images):
+                raise ValueError(f"{type(self).__name__}: val_size={self.val_size} leaves no training data ({len(images)} images)")
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
+            val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+            self.splits["train"] = (images[train_idx], labels[train_idx])
+            self.splits["val"] = (images[val_idx], labels[val_idx])
+        if stage in ("test", "predict") and "test" not in self.splits:
+            self.splits["test"] = self._to_tensors(*self.load_split(train=False))
+
+    def _batches(self, split: str, shuffle: bool) -> TensorBatches:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return TensorBatches(self.splits[split], self.batch_size, shuffle, self.seed, drop_last=shuffle, rank=rank, world_size=world)
+
+    def train_dataloader(self):
+        return self._batches("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._batches("val", shuffle=False)
+
+    def test_dataloader(self):
+        return self._batches("test", shuffle=False)
+
+    def predict_dataloader(self):
+        return self._batches("test", shuffle=False)
+
+    def find_files(self):
+        raise NotImplementedError
+
+
+class IDXDataModule(ImageDataModule):
+    """MNIST-format datasets: the four IDX files, plain or gzipped, either directly in ``data_dir``
+    (as Debian's dataset packages ship them) or in torchvision's ``data_dir/<Name>/raw`` layout."""
+
+    torchvision_class: type = torchvision.datasets.MNIST
+    files = {
+        (True, "images"): "train-images-idx3-ubyte",
+        (True, "labels"): "train-labels-idx1-ubyte",
+        (False, "images"): "t10k-images-idx3-ubyte",
+        (False, "labels"): "t10k-labels-idx1-ubyte",
+    }
+
+    def _candidate_dirs(self) -> list[Path]:
+        return [self.data_dir, self.data_dir / self.torchvision_class.__name__ / "raw"]
+
+    def _locate(self) -> dict[tuple[bool, str], Path] | None:
+        for folder in self._candidate_dirs():
+            found = {}
+            for key, stem in self.files.items():
+                path = next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
+                if path is None:
+                    break
+                found[key] = path
+            else:
+                return found
+        return None
+
+    def find_files(self) -> dict[tuple[bool, str], Path]:
+        found = self._locate()
+        if found is None and self.download:
+            try:
+                self.torchvision_class(root=str(self.data_dir), download=True)
+            except Exception as err:  # torchvision raises URLError, RuntimeError, ... when offline
+                reason = f"download failed: {type(err).__name__}: {err}".splitlines()[0]
+            else:
+                reason = "download finished but the files are still missing"
+            found = self._locate()
+        else:
+            reason = "download=false"
+        if found is None:
+            names = ", ".join(f"{stem}[.gz]" for stem in self.files.values())
+            where = " or ".join(str(d) for d in self._candidate_dirs())
+            raise DataError(f"{self.name} files not found ({reason}): put {names} in {where}")
+        return found
+
+    def load_split(self, train):
+        found = self.find_files()
+        images = read_idx(found[(train, "images")])
+        labels = read_idx(found[(train, "labels")])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(
+                f"{found[(train, 'images')]} and {found[(train, 'labels')]} do not match: "
+                f"images {images.shape}, labels {labels.shape}"
+            )
+        return images[:, None], labels
+
+
+class MNISTDataModule(IDXDataModule):
+    """MNIST digits, 1x28x28 in [0, 1]."""
+
+    name = "MNIST"
+
+
+class FashionMNISTDataModule(IDXDataModule):
+    """Fashion-MNIST, 1x28x28 in [0, 1]. Debian's ``dataset-fashion-mnist`` installs it under
+    /usr/share/datasets/fashion-mnist."""
+
+    name = "FashionMNIST"
+    torchvision_class = torchvision.datasets.FashionMNIST
+
+
+class SVHNDataModule(ImageDataModule):
+    """SVHN house numbers, 3x32x32 in [0, 1]: ``train_32x32.mat`` and ``test_32x32.mat`` in
+    ``data_dir`` (torchvision's layout). The label 10 of the original files is digit 0."""
+
+    name = "SVHN"
+    input_shape = (3, 32, 32)
+    files = {True: "train_32x32.mat", False: "test_32x32.mat"}
+
+    def find_files(self) -> dict[bool, Path]:
+        paths = {train: self.data_dir / name for train, name in self.files.items()}
+        reason = "download=false"
+        for train, path in paths.items():
+            if not path.is_file() and self.download:
+                try:
+                    torchvision.datasets.SVHN(root=str(self.data_dir), split="train" if train else "test", download=True)
+                    reason = "download finished but the files are still missing"
+                except Exception as err:  # offline: URLError and friends
+                    reason = f"download failed: {type(err).__name__}: {err}".splitlines()[0]
+        missing = [p for p in paths.values() if not p.is_file()]
+        if missing:
+            raise DataError(f"SVHN files not found ({reason}): put {', '.join(p.name for p in missing)} in {self.data_dir}")
+        return paths
+
+    def load_split(self, train):
+        import scipy.io
+
+        path = self.find_files()[train]
+        try:
+            mat = scipy.io.loadmat(str(path))
+            images, labels = mat["X"], mat["y"]
+        except Exception as err:  # scipy raises ValueError, TypeError, KeyError ... on bad files
+            raise DataError(f"cannot read {path}: {type(err).__name__}: {err} (corrupt or truncated; replace it)") from None
+        if images.ndim != 4:
+            raise DataError(f"{path}: expected X of shape (32, 32, 3, N), got {images.shape}")
+        labels = labels.reshape(-1).astype(np.int64) % 10
+        return np.ascontiguousarray(images.transpose(3, 2, 0, 1)), labels

@@ -1,0 +1,216 @@
+"""The one LightningModule: an autoencoder whose latent codes are each matched to a prior adversarially."""
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aae_lightning.codes import LatentCode
+from aae_lightning.nets import Discriminator, MLPDecoder, MLPEncoder
+
+EncoderFactory = Callable[[Sequence[int], int], nn.Module]
+DecoderFactory = Callable[[int, Sequence[int]], nn.Module]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss became NaN or Inf."""
+
+
+class AdversarialAutoencoder(L.LightningModule):
+    """Adversarial Autoencoder (Makhzani et al. 2015) over named latent codes.
+
+    Each training batch runs the reconstruction phase (autoencoder optimizer, encoder + decoder)
+    and then the regularization phase: the discriminator step (prior samples are real, encoder
+    codes fake) and the generator step (the encoder tries to fool the discriminators).
+
+    Args:
+        codes: the latent codes, in the order the decoder sees them concatenated.
+        input_shape: image shape (C, H, W); linked from the DataModule by the CLI.
+        num_classes: number of label classes; linked from the DataModule by the CLI.
+        encoder: factory ``(input_shape, out_dim) -> nn.Module``; default an MLP of 2 x 1000 units.
+        decoder: factory ``(in_dim, output_shape) -> nn.Module`` returning logits; default MLP.
+        discriminator_hidden: hidden widths of every code's discriminator.
+        recon_loss: ``bce`` (images in [0, 1], sigmoid output) or ``mse``.
+        lr: learning rate of the autoencoder (reconstruction) optimizer.
+        lr_discriminator: learning rate of the discriminators' optimizer.
+        lr_generator: learning rate of the encoder-as-generator optimizer.
+        betas: Adam betas of all three optimizers (a low beta1 steadies the adversarial game).
+        lr_milestones: epochs at which all learning rates are multiplied by ``lr_gamma``.
+        lr_gamma: the decay factor at each milestone.
+        discriminator_noise: std of Gaussian noise added to every discriminator input, real and
+            fake; it blurs the gap between one-hot prior samples and soft encoder outputs.
+    """
+
+    def __init__(
+        self,
+        codes: list[LatentCode],
+        input_shape: Sequence[int] = (1, 28, 28),
+        num_classes: int = 10,
+        encoder: EncoderFactory | None = None,
+        decoder: DecoderFactory | None = None,
+        discriminator_hidden: Sequence[int] = (1000, 1000),
+        recon_loss: Literal["bce", "mse"] = "bce",
+        lr: float = 1e-4,
+        lr_discriminator: float = 1e-4,
+        lr_generator: float = 1e-4,
+        betas: tuple[float, float] = (0.5, 0.999),
+        lr_milestones: Sequence[int] = (),
+        lr_gamma: float = 0.1,
+        discriminator_noise: float = 0.0,
+    ):
+        super().__init__()
+        if not codes:
+            raise ValueError("AdversarialAutoencoder: give at least one latent code")
+        names = [c.name for c in codes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"AdversarialAutoencoder: code names must be unique, got {names}")
+        for name, value in (("lr", lr), ("lr_discriminator", lr_discriminator), ("lr_generator", lr_generator)):
+            if value <= 0:
+                raise ValueError(f"AdversarialAutoencoder: {name} must be > 0, got {value}")
+        if discriminator_noise < 0:
+            raise ValueError(f"AdversarialAutoencoder: discriminator_noise must be >= 0, got {discriminator_noise}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.codes = list(codes)
+        self.input_shape = tuple(input_shape)
+        self.num_classes = num_classes
+        latent_dim = sum(c.dim for c in codes)
+        self.encoder = (encoder or MLPEncoder)(self.input_shape, latent_dim)
+        self.decoder = (decoder or MLPDecoder)(latent_dim, self.input_shape)
+        self.discriminators = nn.ModuleDict({c.name: Discriminator(c.dim, discriminator_hidden) for c in codes})
+        self.recon_loss = recon_loss
+        self.lr, self.lr_discriminator, self.lr_generator = lr, lr_discriminator, lr_generator
+        self.betas = tuple(betas)
+        self.lr_milestones, self.lr_gamma = list(lr_milestones), lr_gamma
+        self.discriminator_noise = discriminator_noise
+
+    # ---- the model ------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Image batch -> {code name: code}, each code in its prior's space."""
+        raw = self.encoder(x).split([c.dim for c in self.codes], dim=1)
+        return {c.name: c.prior.activate(r) for c, r in zip(self.codes, raw)}
+
+    def decode_logits(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.decoder(torch.cat([codes[c.name] for c in self.codes], dim=1))
+
+    def decode(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Codes -> images in the data's scale."""
+        logits = self.decode_logits(codes)
+        return torch.sigmoid(logits) if self.recon_loss == "bce" else logits
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.encode(x)
+
+    def sample_prior(self, n: int) -> dict[str, torch.Tensor]:
+        return {c.name: c.prior.sample(n, device=self.device) for c in self.codes}
+
+    def reconstruction_loss(self, x: torch.Tensor, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.decode_logits(codes)
+        if self.recon_loss == "bce":
+            return F.binary_cross_entropy_with_logits(logits, x)
+        return F.mse_loss(logits, x)
+
+    def _discriminate(self, name: str, code: torch.Tensor) -> torch.Tensor:
+        if self.discriminator_noise > 0:
+            code = code + torch.randn_like(code) * self.discriminator_noise
+        return self.discriminators[name](code)
+
+    def discriminator_loss(self, codes: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum over codes of the real/fake BCE, and the mean accuracy of the discriminators."""
+        losses, accuracies = [], []
+        for c in self.codes:
+            fake = codes[c.name].detach()
+            real_logit = self._discriminate(c.name, c.prior.sample(fake.shape[0], device=fake.device))
+            fake_logit = self._discriminate(c.name, fake)
+            losses.append(
+                F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
+                + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
+            )
+            accuracies.append(((real_logit > 0).float().mean() + (fake_logit < 0).float().mean()) / 2)
+        return torch.stack(losses).sum(), torch.stack(accuracies).mean()
+
+    def generator_loss(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        losses = []
+        for c in self.codes:
+            logit = self._discriminate(c.name, codes[c.name])
+            losses.append(c.weight * F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit)))
+        return torch.stack(losses).sum()
+
+    # ---- training -------------------------------------------------------------------------
+    @contextmanager
+    def _phase(self, optimizer) -> Iterator[None]:
+        """Only ``optimizer``'s parameters take gradients inside; it steps on exit."""
+        self.toggle_optimizer(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        yield
+        optimizer.step()
+        self.untoggle_optimizer(optimizer)
+
+    def _check_finite(self, phase: str, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"{phase} loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
+                "training stopped. Lower the learning rates or check the input data."
+            )
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        opt_ae, opt_d, opt_g = self.optimizers()
+
+        with self._phase(opt_ae):
+            recon = self.reconstruction_loss(x, self.encode(x))
+            self._check_finite("reconstruction", recon)
+            self.manual_backward(recon)
+
+        # One encoder pass serves both regularization steps: the discriminator sees it detached,
+        # the generator backpropagates through the freshly updated discriminators into it.
+        codes = self.encode(x)
+        with self._phase(opt_d):
+            d_loss, d_acc = self.discriminator_loss(codes)
+            self._check_finite("discriminator", d_loss)
+            self.manual_backward(d_loss)
+        with self._phase(opt_g):
+            g_loss = self.generator_loss(codes)
+            self._check_finite("generator", g_loss)
+            self.manual_backward(g_loss)
+
+        self.log_dict(
+            {"train/recon_loss": recon, "train/d_loss": d_loss, "train/g_loss": g_loss, "train/d_accuracy": d_acc},
+            on_step=True, on_epoch=True, prog_bar=True,
+        )
+
+    def on_train_epoch_end(self):
+        for scheduler in self.lr_schedulers() or []:
+            scheduler.step()
+
+    def _shared_eval_step(self, batch, stage: str) -> dict[str, torch.Tensor]:
+        x, labels = batch
+        codes = self.encode(x)
+        self.log(f"{stage}/recon_loss", self.reconstruction_loss(x, codes), on_epoch=True, prog_bar=stage == "val")
+        return {"codes": codes, "labels": labels}
+
+    def validation_step(self, batch, batch_idx):
+        return self._shared_eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._shared_eval_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        x, labels = batch
+        return {"codes": self.encode(x), "labels": labels}
+
+    def configure_optimizers(self):
+        encoder = list(self.encoder.parameters())
+        optimizers = [
+            torch.optim.Adam(encoder + list(self.decoder.parameters()), lr=self.lr, betas=self.betas),
+            torch.optim.Adam(self.discriminators.parameters(), lr=self.lr_discriminator, betas=self.betas),
+            torch.optim.Adam(encoder, lr=self.lr_generator, betas=self.betas),
+        ]
+        if not self.lr_milestones:
+            return optimizers
+        schedulers = [torch.optim.lr_scheduler.MultiStepLR(o, self.lr_milestones, self.lr_gamma) for o in optimizers]
+        return optimizers, schedulers

@@ -1,0 +1,85 @@
+"""Encoder, decoder and discriminator networks.
+
+Encoders and decoders are configured as callables (``class_path`` + ``init_args`` without the
+shape arguments) because their input/output sizes follow from the data and the latent codes.
+"""
+
+import math
+from collections.abc import Sequence
+
+from torch import nn
+
+
+def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers of the given sizes with ReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Sequential):
+    """Flattened image -> raw code vector. The paper uses two hidden layers of 1000 ReLU units."""
+
+    def __init__(self, input_shape: Sequence[int], out_dim: int, hidden: Sequence[int] = (1000, 1000), dropout: float = 0.0):
+        super().__init__(nn.Flatten(), mlp([math.prod(input_shape), *hidden, out_dim], dropout))
+
+
+class MLPDecoder(nn.Module):
+    """Code vector -> image logits (the model applies the output non-linearity)."""
+
+    def __init__(self, in_dim: int, output_shape: Sequence[int], hidden: Sequence[int] = (1000, 1000)):
+        super().__init__()
+        self.output_shape = tuple(output_shape)
+        self.net = mlp([in_dim, *hidden, math.prod(output_shape)])
+
+    def forward(self, codes):
+        return self.net(codes).view(-1, *self.output_shape)
+
+
+class ConvEncoder(nn.Sequential):
+    """Strided-conv encoder for 32x32 colour images (SVHN), where MLPs waste capacity on pixels."""
+
+    def __init__(self, input_shape: Sequence[int], out_dim: int, channels: Sequence[int] = (64, 128, 256), hidden: int = 1000):
+        c, h, w = input_shape
+        layers: list[nn.Module] = []
+        for c_out in channels:
+            layers += [nn.Conv2d(c, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c, h, w = c_out, h // 2, w // 2
+        super().__init__(*layers, nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of :class:`ConvEncoder`: code vector -> image logits."""
+
+    def __init__(self, in_dim: int, output_shape: Sequence[int], channels: Sequence[int] = (256, 128, 64), hidden: int = 1000):
+        super().__init__()
+        c_img, h, w = output_shape
+        scale = 2 ** len(channels)
+        self.start_shape = (channels[0], h // scale, w // scale)
+        layers: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, math.prod(self.start_shape)), nn.ReLU()]
+        self.fc = nn.Sequential(*layers)
+        ups: list[nn.Module] = []
+        for c_in, c_out in zip(channels, [*channels[1:], c_img]):
+            ups.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+            if c_out != c_img:
+                ups += [nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.deconv = nn.Sequential(*ups)
+
+    def forward(self, codes):
+        return self.deconv(self.fc(codes).view(-1, *self.start_shape))
+
+
+class Discriminator(nn.Module):
+    """MLP deciding whether a code vector came from the prior (logit > 0) or the encoder."""
+
+    def __init__(self, in_dim: int, hidden: Sequence[int] = (1000, 1000)):
+        super().__init__()
+        self.net = mlp([in_dim, *hidden, 1])
+
+    def forward(self, code):
+        return self.net(code).squeeze(1)

@@ -1,0 +1,51 @@
+"""W&B tracking: online with credentials, offline without, and the resolved config in every run."""
+
+import netrc
+import os
+from pathlib import Path
+
+import yaml
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+
+def has_wandb_credentials() -> bool:
+    """True when an API key is in the environment or in ~/.netrc (where `wandb login` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def choose_wandb_mode() -> str:
+    """Sets WANDB_MODE=offline when no credentials exist, so W&B never prompts for a login.
+
+    A WANDB_MODE the user set always wins. Returns the mode in force.
+    """
+    if "WANDB_MODE" not in os.environ and not has_wandb_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+        print("W&B: no credentials found, logging offline under the logger's save_dir; upload later with `wandb sync DIR`")
+    return os.environ.get("WANDB_MODE", "online")
+
+
+class SaveConfigToRun(SaveConfigCallback):
+    """Saves the resolved config into the run's own directory and the W&B run config.
+
+    LightningCLI's default writes ``config.yaml`` into ``trainer.log_dir``, which for W&B is the
+    shared save dir, so a second run there would fail on the existing file.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer, pl_module, stage):
+        text = self.parser.dump(self.config, skip_none=False)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                run = logger.experiment
+                run.config.update(yaml.safe_load(text), allow_val_change=True)
+                # wandb owns files/config.yaml; ours goes beside it and is uploaded with the run
+                Path(run.dir, "lightning_config.yaml").write_text(text)
