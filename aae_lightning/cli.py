@@ -2,6 +2,7 @@
 
 import sys
 
+import wandb
 from lightning.pytorch.cli import LightningCLI
 
 from aae_lightning.data import DataError, ImageDataModule
@@ -32,3 +33,7 @@ def cli_main(args=None):
     except (DataError, NonFiniteLossError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        # close the run so a later cli_main in the same process starts its own, not reuses this one
+        if wandb.run is not None:
+            wandb.finish()

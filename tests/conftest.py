@@ -9,6 +9,7 @@ import pytest
 import scipy.io
 import torch
 import torch.nn.functional as F
+import wandb
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -80,4 +81,6 @@ def offline_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    yield tmp_path
+    # wandb-core resolves relative paths against its own working directory: stop it between tests
+    wandb.teardown()

@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aae_lightning.cli import cli_main
+from conftest import CONFIGS
+from wandb_records import offline_runs
+
+ALL_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
+TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
+        "--trainer.enable_progress_bar=false", "--data.download=false", "--data.val_size=100"]
+
+
+def data_dir_for(config: Path, request) -> str:
+    data_class = yaml.safe_load(config.read_text())["data"]["class_path"]
+    fixture = {"SVHNDataModule": "svhn_dir", "FashionMNISTDataModule": "fashion_dir"}.get(data_class.rsplit(".", 1)[1], "mnist_dir")
+    return str(request.getfixturevalue(fixture))
+
+
+def last_checkpoint(root: Path) -> Path:
+    (ckpt,) = root.glob("runs/*/*/checkpoints/last.ckpt")
+    return ckpt
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=[c.stem for c in ALL_CONFIGS])
+def test_every_config_fits_on_tiny_data(config, request, offline_wandb):
+    cli_main(["fit", "--config", str(config), f"--data.data_dir={data_dir_for(config, request)}", *TINY])
+    assert last_checkpoint(offline_wandb).is_file()
+    (run,) = offline_runs(offline_wandb)
+    assert run.values("train/recon_loss_epoch") and "val/recon_loss" in run.summary
+    assert run.config["model"]["class_path"] == yaml.safe_load(config.read_text())["model"]["class_path"]
+
+
+def test_fit_then_validate_from_checkpoint_prints_val_loss(mnist_dir, offline_wandb, capsys):
+    config = str(CONFIGS / "basic.yaml")
+    cli_main(["fit", "--config", config, f"--data.data_dir={mnist_dir}", *TINY])
+    ckpt = last_checkpoint(offline_wandb)
+    capsys.readouterr()
+    cli_main(["validate", "--config", config, f"--data.data_dir={mnist_dir}", "--ckpt_path", str(ckpt),
+              "--data.download=false", "--data.val_size=100", "--trainer.enable_progress_bar=false"])
+    assert "val/recon_loss" in capsys.readouterr().out
+
+
+def test_second_run_in_same_directory_does_not_trip_over_saved_config(mnist_dir, offline_wandb):
+    args = ["fit", "--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}", *TINY]
+    cli_main(args)
+    cli_main(args)
+    runs = offline_runs(offline_wandb)
+    assert len(runs) == 2
+    assert all((r.dir / "files" / "lightning_config.yaml").is_file() for r in runs)
+
+
+def test_model_overrides_reach_the_module(mnist_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS / "basic.yaml"), "--model.lr=0.0003",
+                  "--model.encoder=aae_lightning.nets.MLPEncoder", "--model.encoder.hidden=[64]", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert printed["lr"] == 0.0003 and printed["encoder"]["init_args"]["hidden"] == [64]
+
+
+def test_unknown_config_key_fails_with_a_clear_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS / "basic.yaml"), "--model.init_args.learning_rate=0.1"])
+    assert exit_info.value.code != 0
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_missing_data_ends_in_one_line_naming_the_files(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={tmp_path / 'none'}", *TINY])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: MNIST files not found") and "train-images-idx3-ubyte" in err[0]

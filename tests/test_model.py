@@ -1,0 +1,118 @@
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+
+from aae_lightning import AdversarialAutoencoder, CategoricalPrior, GaussianPrior, LatentCode
+from aae_lightning.data import TensorBatches
+from aae_lightning.nets import MLPDecoder, MLPEncoder
+from conftest import structured_images
+
+
+def small_model(codes, **kwargs):
+    defaults = dict(
+        encoder=partial(MLPEncoder, hidden=(256, 256)),
+        decoder=partial(MLPDecoder, hidden=(256, 256)),
+        discriminator_hidden=(128, 128),
+        lr=1e-3, lr_discriminator=5e-4, lr_generator=5e-4,
+    )
+    return AdversarialAutoencoder(codes, **{**defaults, **kwargs})
+
+
+def synthetic(n=2000, seed=0):
+    images, labels = structured_images(n, seed=seed)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels).long()
+
+
+class OptimizerAudit(L.Callback):
+    """Checks, around every optimizer step of the first batches, which parameters changed."""
+
+    def __init__(self, steps=30):
+        self.steps, self.violations, self.audited = steps, [], 0
+
+    def on_train_start(self, trainer, pl_module):
+        names = {p: n for n, p in pl_module.named_parameters()}
+        for opt in trainer.optimizers:
+            owned = {id(p) for group in opt.param_groups for p in group["params"]}
+            snapshot = {}
+
+            def before(optimizer, args, kwargs, snapshot=snapshot):
+                snapshot.clear()
+                if self.audited < self.steps:
+                    snapshot.update({p: p.detach().clone() for p in names})
+
+            def after(optimizer, args, kwargs, snapshot=snapshot, owned=owned):
+                if snapshot:
+                    self.audited += 1
+                    changed = {names[p] for p, old in snapshot.items() if not torch.equal(p, old)}
+                    strays = {n for n in changed if id(dict(pl_module.named_parameters())[n]) not in owned}
+                    if strays or not changed:
+                        self.violations.append((optimizer, sorted(strays), len(changed)))
+
+            opt.register_step_pre_hook(before)
+            opt.register_step_post_hook(after)
+
+
+def reconstruction_mse(model, x):
+    with torch.no_grad():
+        return torch.mean((model.decode(model.encode(x)) - x) ** 2).item()
+
+
+def test_basic_aae_learns_and_matches_the_prior():
+    torch.manual_seed(0)
+    x, y = synthetic()
+    model = small_model([LatentCode("z", GaussianPrior(dim=4))])
+    before = reconstruction_mse(model, x)
+    audit = OptimizerAudit()
+    trainer = L.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[audit])
+    trainer.fit(model, TensorBatches((x, y), 100, shuffle=True))
+    after = reconstruction_mse(model, x)
+    assert after < 0.35 * before, (before, after)
+    z = model.encode(x)["z"].detach()
+    # the aggregated posterior has moved onto N(0, I)
+    assert z.mean(0).abs().max() < 0.35, z.mean(0)
+    assert ((z.std(0) - 1).abs() < 0.35).all(), z.std(0)
+    assert audit.audited == 30 and not audit.violations, audit.violations
+
+
+def test_each_phase_updates_only_its_own_parameters():
+    torch.manual_seed(0)
+    x, y = synthetic(200)
+    model = small_model([LatentCode("y", CategoricalPrior(4)), LatentCode("z", GaussianPrior(3))])
+    audit = OptimizerAudit(steps=9)
+    trainer = L.Trainer(max_steps=9, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[audit])
+    trainer.fit(model, TensorBatches((x, y), 50, shuffle=True))
+    assert audit.audited == 9 and not audit.violations, audit.violations
+    # the discriminators are never touched by the encoder's optimizers and vice versa
+    ae, d, g = (o.param_groups[0]["params"] for o in trainer.optimizers)
+    assert {id(p) for p in d}.isdisjoint({id(p) for p in ae + g})
+    assert {id(p) for p in g} == {id(p) for p in model.encoder.parameters()}
+
+
+def test_codes_are_split_and_activated_by_their_priors():
+    model = small_model([LatentCode("y", CategoricalPrior(5)), LatentCode("z", GaussianPrior(3))])
+    codes = model.encode(torch.rand(7, 1, 28, 28))
+    assert codes["y"].shape == (7, 5) and torch.allclose(codes["y"].sum(1), torch.ones(7))
+    assert codes["z"].shape == (7, 3)
+    assert model.decode(codes).shape == (7, 1, 28, 28)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=0), "lr must be > 0"),
+        (dict(lr_discriminator=-1), "lr_discriminator must be > 0"),
+        (dict(discriminator_noise=-0.1), "discriminator_noise must be >= 0"),
+    ],
+)
+def test_invalid_model_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small_model([LatentCode("z", GaussianPrior(2))], **kwargs)
+
+
+def test_duplicate_code_names_are_rejected():
+    with pytest.raises(ValueError, match="code names must be unique"):
+        small_model([LatentCode("z", GaussianPrior(2)), LatentCode("z", GaussianPrior(3))])
