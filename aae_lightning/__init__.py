@@ -1,5 +1,6 @@
 """Adversarial Autoencoders (Makhzani et al. 2015) as a PyTorch Lightning project."""
 
+from aae_lightning.callbacks import ClusterGrid, LatentPlot, PriorSamples
 from aae_lightning.codes import LatentCode
 from aae_lightning.data import FashionMNISTDataModule, ImageDataModule, MNISTDataModule, SVHNDataModule
 from aae_lightning.model import AdversarialAutoencoder
@@ -8,13 +9,16 @@ from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, Gaussia
 __all__ = [
     "AdversarialAutoencoder",
     "CategoricalPrior",
+    "ClusterGrid",
     "FashionMNISTDataModule",
     "GaussianMixturePrior",
     "GaussianPrior",
     "ImageDataModule",
     "LatentCode",
+    "LatentPlot",
     "MNISTDataModule",
     "Prior",
+    "PriorSamples",
     "SVHNDataModule",
     "SwissRollPrior",
 ]

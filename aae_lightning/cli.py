@@ -17,7 +17,8 @@ class AAECLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.num_classes", compute_fn=lambda d: d.num_classes, apply_on="instantiate")
 
 
-def cli_main(args=None):
+def cli_main(args=None, run: bool = True) -> AAECLI:
+    """The CLI; with ``run=False`` it only builds model, data and trainer (for benchmarks)."""
     choose_wandb_mode()
     try:
         return AAECLI(
@@ -29,11 +30,12 @@ def cli_main(args=None):
             auto_configure_optimizers=False,
             parser_kwargs={"parser_mode": "omegaconf"},
             args=args,
+            run=run,
         )
     except (DataError, NonFiniteLossError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:
         # close the run so a later cli_main in the same process starts its own, not reuses this one
-        if wandb.run is not None:
+        if run and wandb.run is not None:
             wandb.finish()

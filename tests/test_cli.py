@@ -73,3 +73,24 @@ def test_missing_data_ends_in_one_line_naming_the_files(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: MNIST files not found") and "train-images-idx3-ubyte" in err[0]
+
+
+def test_clustering_run_records_metrics_and_images_in_wandb(mnist_dir, offline_wandb, capsys):
+    config = str(CONFIGS / "clustering.yaml")
+    cli_main(["fit", "--config", config, f"--data.data_dir={mnist_dir}", *TINY])
+    (run,) = offline_runs(offline_wandb)
+    for key in ("val/purity", "val/purity_confident", "val/acc", "val/nmi", "val/ari", "val/clusters_used"):
+        assert key in run.summary, key
+        assert 0 <= run.summary[key] <= (16 if key == "val/clusters_used" else 1)
+    keys = {k for row in run.history for k in row}
+    media = {str(p.relative_to(run.dir / "files" / "media" / "images")).rsplit("_", 2)[0] for p in run.media()}
+    for image in ("latent/z", "latent/cluster_sizes", "clusters/grid", "samples/prior"):
+        assert f"{image}/_type" in keys and image in media, image
+
+    ckpt = last_checkpoint(offline_wandb)
+    capsys.readouterr()
+    cli_main(["validate", "--config", config, f"--data.data_dir={mnist_dir}", "--ckpt_path", str(ckpt),
+              "--data.download=false", "--data.val_size=100", "--trainer.enable_progress_bar=false"])
+    out = capsys.readouterr().out
+    for key in ("val/purity", "val/acc", "val/nmi", "val/ari"):
+        assert key in out
