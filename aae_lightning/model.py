@@ -48,6 +48,10 @@ class AdversarialAutoencoder(L.LightningModule):
             denoising autoencoder; the paper uses 0.3 for its semi-supervised MNIST model).
         cluster_code: the categorical code scored against the labels with purity, Hungarian
             accuracy, NMI and ARI; default the first code with a categorical prior.
+        consistency_weight: opt-in, beyond the paper: in the generator phase, also make the
+            cluster code of a randomly shifted image agree with that of the image
+            (KL(q(y|x) || q(y|shift(x))), the first held fixed). 0 turns it off.
+        consistency_shift: the largest shift, in pixels, for ``consistency_weight``.
     """
 
     def __init__(
@@ -68,6 +72,8 @@ class AdversarialAutoencoder(L.LightningModule):
         discriminator_noise: float = 0.0,
         input_noise: float = 0.0,
         cluster_code: str | None = None,
+        consistency_weight: float = 0.0,
+        consistency_shift: int = 2,
     ):
         super().__init__()
         if not codes:
@@ -78,7 +84,8 @@ class AdversarialAutoencoder(L.LightningModule):
         for name, value in (("lr", lr), ("lr_discriminator", lr_discriminator), ("lr_generator", lr_generator)):
             if value <= 0:
                 raise ValueError(f"AdversarialAutoencoder: {name} must be > 0, got {value}")
-        for name, value in (("discriminator_noise", discriminator_noise), ("input_noise", input_noise)):
+        for name, value in (("discriminator_noise", discriminator_noise), ("input_noise", input_noise),
+                            ("consistency_weight", consistency_weight), ("consistency_shift", consistency_shift)):
             if value < 0:
                 raise ValueError(f"AdversarialAutoencoder: {name} must be >= 0, got {value}")
         categorical = [c.name for c in codes if c.prior.num_classes]
@@ -100,6 +107,9 @@ class AdversarialAutoencoder(L.LightningModule):
         self.discriminator_noise = discriminator_noise
         self.input_noise = input_noise
         self.cluster_code = cluster_code or (categorical[0] if categorical else None)
+        if consistency_weight > 0 and self.cluster_code is None:
+            raise ValueError("AdversarialAutoencoder: consistency_weight needs a categorical code")
+        self.consistency_weight, self.consistency_shift = consistency_weight, consistency_shift
         if self.cluster_code is not None:
             k = next(c.dim for c in codes if c.name == self.cluster_code)
             self.cluster_metrics = nn.ModuleDict({s: ClusterMetrics(k, num_classes, f"{s}/") for s in ("val", "test")})
@@ -154,7 +164,25 @@ class AdversarialAutoencoder(L.LightningModule):
         for c in self.codes:
             logit = self._discriminate(c.name, codes[c.name])
             losses.append(c.weight * F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit)))
+            if c.balance_weight > 0:
+                marginal = codes[c.name].mean(0)
+                losses.append(c.balance_weight * (marginal * torch.log(marginal * c.dim + 1e-8)).sum())
         return torch.stack(losses).sum()
+
+    def _shift(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image translated by its own random offset of up to ``consistency_shift`` pixels."""
+        n, _, h, w = x.shape
+        offsets = torch.randint(-self.consistency_shift, self.consistency_shift + 1, (n, 2), device=x.device).float()
+        theta = torch.zeros(n, 2, 3, device=x.device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, 0, 2], theta[:, 1, 2] = offsets[:, 0] * 2 / w, offsets[:, 1] * 2 / h
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+    def consistency_loss(self, x: torch.Tensor, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        target = codes[self.cluster_code].detach()
+        shifted = self.encode(self._shift(x))[self.cluster_code]
+        return F.kl_div(torch.log(shifted + 1e-8), target, reduction="batchmean")
 
     # ---- training -------------------------------------------------------------------------
     @contextmanager
@@ -194,6 +222,8 @@ class AdversarialAutoencoder(L.LightningModule):
             self.manual_backward(d_loss)
         with self._phase(opt_g):
             g_loss = self.generator_loss(codes)
+            if self.consistency_weight > 0:
+                g_loss = g_loss + self.consistency_weight * self.consistency_loss(x, codes)
             self._check_finite("generator", g_loss)
             self.manual_backward(g_loss)
 

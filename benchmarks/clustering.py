@@ -46,7 +46,8 @@ def main():
     if opts.epochs:
         args.append(f"--trainer.max_epochs={opts.epochs}")
     else:
-        args += ["--trainer.max_epochs=-1", f"--trainer.max_time={{'minutes': {opts.minutes}}}"]
+        seconds = round(opts.minutes * 60)
+        args += ["--trainer.max_epochs=-1", f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"]
     cli = cli_main(args + opts.cli_args, run=False)
     cli.trainer.callbacks.append(EpochReport())
     cli.trainer.fit(cli.model, cli.datamodule)

@@ -14,11 +14,12 @@ import wandb
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def structured_images(n: int, num_classes: int = 10, size: int = 28, channels: int = 1, seed: int = 0):
-    """``num_classes`` distinct blob templates, each image a shifted noisy copy of one: data with
-    an obvious cluster structure, as uint8 (n, size, size, channels) and labels (n,)."""
+def structured_images(n: int, num_classes: int = 10, size: int = 28, channels: int = 1, seed: int = 0, template_seed: int = 1234):
+    """``num_classes`` distinct blob templates (fixed by ``template_seed``, shared by all splits),
+    each image a shifted noisy copy of one: data with an obvious cluster structure, as uint8
+    (n, size, size, channels) and labels (n,)."""
+    coarse = torch.rand(num_classes, channels, 7, 7, generator=torch.Generator().manual_seed(template_seed))
     gen = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(num_classes, channels, 7, 7, generator=gen)
     templates = (F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) > 0.55).float()
     labels = torch.arange(n) % num_classes
     images = templates[labels]
