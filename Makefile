@@ -5,7 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export WANDB_SILENT ?= true
 
-.PHONY: help install test test-slow train clean
+.PHONY: help install test test-slow train bench-clustering clean
+
+# bench-clustering settings: make bench-clustering CONFIG=... DATA_DIR=... MINUTES=15 ARGS='...'
+CONFIG ?= configs/clustering_fashion.yaml
+DATA_DIR ?=
+MINUTES ?= 15
+ARGS ?=
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -26,6 +32,9 @@ test-slow: $(STAMP)  ## run the slow checks as well
 
 train: $(STAMP)  ## the main job: clustering on MNIST (DATA_DIR=... to point at the files)
 	$(PY) -m aae_lightning fit --config configs/clustering.yaml $(if $(DATA_DIR),--data.data_dir=$(DATA_DIR))
+
+bench-clustering: $(STAMP)  ## purity/acc/NMI/ARI per epoch against wall time (CONFIG, DATA_DIR, MINUTES, ARGS)
+	$(PY) benchmarks/clustering.py --config $(CONFIG) --data-dir $(or $(DATA_DIR),/usr/share/datasets/fashion-mnist) --minutes $(MINUTES) $(if $(ARGS),-- $(ARGS))
 
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) runs

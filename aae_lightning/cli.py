@@ -7,6 +7,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from aae_lightning.data import DataError, ImageDataModule
 from aae_lightning.model import AdversarialAutoencoder, NonFiniteLossError
+from aae_lightning.sweep import main as sweep_main
 from aae_lightning.tracking import SaveConfigToRun, choose_wandb_mode
 
 
@@ -17,8 +18,15 @@ class AAECLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.num_classes", compute_fn=lambda d: d.num_classes, apply_on="instantiate")
 
 
-def cli_main(args=None, run: bool = True) -> AAECLI:
-    """The CLI; with ``run=False`` it only builds model, data and trainer (for benchmarks)."""
+def cli_main(args=None, run: bool = True) -> AAECLI | None:
+    """The CLI; with ``run=False`` it only builds model, data and trainer (for benchmarks).
+
+    ``sweep FILE --count N`` runs a W&B sweep offline (see :mod:`aae_lightning.sweep`).
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["sweep"]:
+        sweep_main(argv[1:])
+        return None
     choose_wandb_mode()
     try:
         return AAECLI(

@@ -194,10 +194,11 @@ class AdversarialAutoencoder(L.LightningModule):
         optimizer.step()
         self.untoggle_optimizer(optimizer)
 
-    def _check_finite(self, phase: str, loss: torch.Tensor) -> None:
+    def _check_finite(self, phase: str, loss: torch.Tensor, batch_idx: int) -> None:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"{phase} loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
+                f"{phase} loss is {loss.item()} at batch {batch_idx} of epoch {self.current_epoch} "
+                f"(global step {self.global_step}); "
                 "training stopped. Lower the learning rates or check the input data."
             )
 
@@ -210,7 +211,7 @@ class AdversarialAutoencoder(L.LightningModule):
 
         with self._phase(opt_ae):
             recon = self.reconstruction_loss(x, self.encode(self._corrupt(x)))
-            self._check_finite("reconstruction", recon)
+            self._check_finite("reconstruction", recon, batch_idx)
             self.manual_backward(recon)
 
         # One encoder pass serves both regularization steps: the discriminator sees it detached,
@@ -218,13 +219,13 @@ class AdversarialAutoencoder(L.LightningModule):
         codes = self.encode(self._corrupt(x))
         with self._phase(opt_d):
             d_loss, d_acc = self.discriminator_loss(codes)
-            self._check_finite("discriminator", d_loss)
+            self._check_finite("discriminator", d_loss, batch_idx)
             self.manual_backward(d_loss)
         with self._phase(opt_g):
             g_loss = self.generator_loss(codes)
             if self.consistency_weight > 0:
                 g_loss = g_loss + self.consistency_weight * self.consistency_loss(x, codes)
-            self._check_finite("generator", g_loss)
+            self._check_finite("generator", g_loss, batch_idx)
             self.manual_backward(g_loss)
 
         self.log_dict(

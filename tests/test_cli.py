@@ -5,7 +5,7 @@ import yaml
 
 from aae_lightning.cli import cli_main
 from conftest import CONFIGS
-from wandb_records import offline_runs
+from aae_lightning.offline_runs import offline_runs
 
 ALL_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
 TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",

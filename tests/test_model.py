@@ -116,3 +116,14 @@ def test_invalid_model_arguments_are_named(kwargs, message):
 def test_duplicate_code_names_are_rejected():
     with pytest.raises(ValueError, match="code names must be unique"):
         small_model([LatentCode("z", GaussianPrior(2)), LatentCode("z", GaussianPrior(3))])
+
+
+def test_non_finite_loss_stops_training_naming_the_phase_and_step():
+    from aae_lightning.model import NonFiniteLossError
+
+    x, y = synthetic(200)
+    x[150:] = float("nan")  # the second batch is broken
+    model = small_model([LatentCode("z", GaussianPrior(2))])
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(NonFiniteLossError, match=r"reconstruction loss is nan at batch 3 of epoch 0 \(global step 9\)"):
+        trainer.fit(model, TensorBatches((x, y), 50, shuffle=False))

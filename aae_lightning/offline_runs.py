@@ -1,5 +1,7 @@
-"""Reads what an offline W&B run recorded: its ``run-*.wandb`` file is a LevelDB-style record log
-(32 KiB blocks, 7-byte chunk headers) of ``wandb_internal_pb2.Record`` messages."""
+"""Reads what a W&B run recorded locally, with no server: its ``run-*.wandb`` file is a
+LevelDB-style record log (32 KiB blocks, 7-byte chunk headers) of ``wandb_internal_pb2.Record``
+messages. wandb 0.31 has no public reader for offline runs and writes no summary json; the
+offline sweep runner reads its trials' metrics with this, and the tests check runs with it."""
 
 import json
 import struct
@@ -24,6 +26,8 @@ def read_records(path: Path) -> list:
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + CHUNK_HEADER])
         payload = data[pos + CHUNK_HEADER : pos + CHUNK_HEADER + length]
+        if len(payload) < length:
+            break  # a run still being written: the last chunk is not complete yet
         pos += CHUNK_HEADER + length
         if kind == 0 and length == 0:
             continue
@@ -41,6 +45,7 @@ class OfflineRun:
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
         (log,) = self.dir.glob("run-*.wandb")
+        self.id = log.stem.removeprefix("run-")
         self.history: list[dict] = []
         self.summary: dict = {}
         self.config: dict = {}
