@@ -1,4 +1,4 @@
-"""``python -m aae_lightning sweep sweeps/X.yaml --count N``: a W&B sweep with no server.
+"""``python -m aae_lightning sweep sweeps/X.yaml --count N [-- EXTRA CLI ARGS]``: a W&B sweep with no server.
 
 The sweep YAML is the one ``wandb sweep`` takes. Proposals and early stops come from W&B's own
 search engine (the ``sweeps`` package: grid, random, bayes, hyperband), commands are expanded with
@@ -63,8 +63,9 @@ def find_run(run_id: str, roots: list[Path]) -> OfflineRun | None:
 
 
 class OfflineSweep:
-    def __init__(self, config_path: Path, root: Path = Path("runs/sweeps")):
+    def __init__(self, config_path: Path, root: Path = Path("runs/sweeps"), extra_args: list[str] = ()):
         self.config = load_sweep_config(config_path)
+        self.extra_args = list(extra_args)
         self.metric = self.config.get("metric", {}).get("name")
         self.goal = self.config.get("metric", {}).get("goal", "minimize")
         self.name = self.config.get("name") or Path(config_path).stem
@@ -110,7 +111,7 @@ class OfflineSweep:
         return any(run.name == trial["id"] for run in sweeps.stop_runs(self.config, self.sweep_runs()))
 
     def _run_trial(self, trial: dict) -> None:
-        command = expand_command(self.config, trial["params"])
+        command = expand_command(self.config, trial["params"]) + self.extra_args
         env = dict(os.environ, WANDB_RUN_ID=trial["id"], WANDB_RUN_GROUP=self.name, WANDB_JOB_TYPE="sweep-trial")
         env.setdefault("WANDB_MODE", "offline")
         # `python` in the command must be this interpreter, as with `wandb agent` in an active venv
@@ -175,9 +176,11 @@ def main(argv=None) -> None:
     parser.add_argument("config", type=Path, help="a W&B sweep YAML, e.g. sweeps/clustering.yaml")
     parser.add_argument("--count", type=int, default=1, help="number of trials to run now")
     parser.add_argument("--root", type=Path, default=Path("runs/sweeps"), help="where the sweep's state is kept")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []  # appended to every trial's command
+    args = parser.parse_args(argv[: len(argv) - len(extra) - bool(extra or "--" in argv)])
     try:
-        sweep = OfflineSweep(args.config, args.root)
+        sweep = OfflineSweep(args.config, args.root, extra)
     except SweepConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -50,12 +50,12 @@ def test_two_trial_offline_sweep_records_runs_and_ranks_them(tmp_path, mnist_dir
         "name": "tiny", "method": "grid",
         "metric": {"name": "val/purity", "goal": "maximize"},
         "parameters": {"model.init_args.lr": {"values": [0.0001, 0.001]}},
-        "command": ["${env}", "${interpreter}", "-m", "aae_lightning", "fit", "--config", str(ROOT / "configs/clustering.yaml"),
-                    f"--data.data_dir={mnist_dir}", "--data.download=false", "--data.val_size=100",
-                    "--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false",
-                    "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "${args}"],
+        "command": ["${env}", "${interpreter}", "-m", "aae_lightning", "fit", "--config", str(ROOT / "configs/clustering.yaml"), "${args}"],
     }))
-    result = subprocess.run([sys.executable, "-m", "aae_lightning", "sweep", str(sweep_file), "--count", "3"],
+    tiny = [f"--data.data_dir={mnist_dir}", "--data.download=false", "--data.val_size=100", "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]",
+            "--trainer.enable_checkpointing=false"]
+    result = subprocess.run([sys.executable, "-m", "aae_lightning", "sweep", str(sweep_file), "--count", "3", "--", *tiny],
                             cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {r.id: r for r in offline_runs(tmp_path / "runs")}
