@@ -5,13 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export WANDB_SILENT ?= true
 
-.PHONY: help install test test-slow train bench-clustering clean
+.PHONY: help install test test-slow train bench-clustering bench-throughput sweep clean
 
 # bench-clustering settings: make bench-clustering CONFIG=... DATA_DIR=... MINUTES=15 ARGS='...'
 CONFIG ?= configs/clustering_fashion.yaml
 DATA_DIR ?=
 MINUTES ?= 15
 ARGS ?=
+SWEEP ?= sweeps/clustering.yaml
+COUNT ?= 10
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -35,6 +37,12 @@ train: $(STAMP)  ## the main job: clustering on MNIST (DATA_DIR=... to point at 
 
 bench-clustering: $(STAMP)  ## purity/acc/NMI/ARI per epoch against wall time (CONFIG, DATA_DIR, MINUTES, ARGS)
 	$(PY) benchmarks/clustering.py --config $(CONFIG) --data-dir $(or $(DATA_DIR),/usr/share/datasets/fashion-mnist) --minutes $(MINUTES) $(if $(ARGS),-- $(ARGS))
+
+bench-throughput: $(STAMP)  ## samples/s of our fit path vs plain PyTorch loops, and GFLOP/s vs torch.mm
+	$(PY) benchmarks/throughput.py --data-dir $(or $(DATA_DIR),/usr/share/datasets/fashion-mnist)
+
+sweep: $(STAMP)  ## W&B sweep with no server (SWEEP, COUNT, ARGS appended to every trial)
+	$(PY) -m aae_lightning sweep $(SWEEP) --count $(COUNT) $(if $(ARGS),-- $(ARGS))
 
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) runs

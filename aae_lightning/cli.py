@@ -8,7 +8,7 @@ from lightning.pytorch.cli import LightningCLI
 from aae_lightning.data import DataError, ImageDataModule
 from aae_lightning.model import AdversarialAutoencoder, NonFiniteLossError
 from aae_lightning.sweep import main as sweep_main
-from aae_lightning.tracking import SaveConfigToRun, choose_wandb_mode
+from aae_lightning.tracking import SaveConfigToRun, choose_wandb_mode, keep_checkpoints_local_offline
 
 
 class AAECLI(LightningCLI):
@@ -16,6 +16,11 @@ class AAECLI(LightningCLI):
         # The data decides the image shape and the number of classes; the model follows.
         parser.link_arguments("data", "model.init_args.input_shape", compute_fn=lambda d: d.input_shape, apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.num_classes", compute_fn=lambda d: d.num_classes, apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        keep_checkpoints_local_offline(trainer.loggers)
+        return trainer
 
 
 def cli_main(args=None, run: bool = True) -> AAECLI | None:

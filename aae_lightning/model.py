@@ -7,6 +7,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from aae_lightning.codes import LatentCode
@@ -185,6 +186,15 @@ class AdversarialAutoencoder(L.LightningModule):
         return F.kl_div(torch.log(shifted + 1e-8), target, reduction="batchmean")
 
     # ---- training -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Each batch runs three backward passes, each reaching only its own optimizer's
+        # parameters. Plain DDP waits for every parameter's gradient in every pass and fails;
+        # with find_unused_parameters the others are marked ready (Lightning prepares the reducer
+        # before each manual_backward). The strategy wraps the model after this hook.
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy):
+            strategy._ddp_kwargs["find_unused_parameters"] = True
+
     @contextmanager
     def _phase(self, optimizer) -> Iterator[None]:
         """Only ``optimizer``'s parameters take gradients inside; it steps on exit."""
@@ -240,7 +250,7 @@ class AdversarialAutoencoder(L.LightningModule):
     def _shared_eval_step(self, batch, stage: str) -> dict[str, torch.Tensor]:
         x, labels = batch
         codes = self.encode(x)
-        self.log(f"{stage}/recon_loss", self.reconstruction_loss(x, codes), on_epoch=True, prog_bar=stage == "val")
+        self.log(f"{stage}/recon_loss", self.reconstruction_loss(x, codes), on_epoch=True, prog_bar=stage == "val", sync_dist=True)
         if self.cluster_code is not None:
             self.cluster_metrics[stage].update(codes[self.cluster_code], labels)
         return {"codes": codes, "labels": labels}

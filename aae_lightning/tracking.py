@@ -30,6 +30,16 @@ def choose_wandb_mode() -> str:
     return os.environ.get("WANDB_MODE", "online")
 
 
+def keep_checkpoints_local_offline(loggers) -> None:
+    """``log_model`` uploads checkpoints as W&B artifacts; offline there is nowhere to upload."""
+    if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+        return
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._log_model:
+            logger._log_model = False
+            print("W&B: offline, so log_model is ignored; checkpoints stay in the local checkpoint directory")
+
+
 class SaveConfigToRun(SaveConfigCallback):
     """Saves the resolved config into the run's own directory and the W&B run config.
 

@@ -94,3 +94,12 @@ def test_clustering_run_records_metrics_and_images_in_wandb(mnist_dir, offline_w
     out = capsys.readouterr().out
     for key in ("val/purity", "val/acc", "val/nmi", "val/ari"):
         assert key in out
+
+
+def test_offline_runs_keep_checkpoints_local_even_with_log_model(mnist_dir, offline_wandb, capsys):
+    cli_main(["fit", "--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}", *TINY,
+              "--trainer.logger.init_args.log_model=true"])
+    assert "log_model is ignored" in capsys.readouterr().out
+    assert last_checkpoint(offline_wandb).is_file()
+    (run,) = offline_runs(offline_wandb)
+    assert not list(run.dir.rglob("*.ckpt")) and not list((offline_wandb / "runs").rglob("artifacts/*"))

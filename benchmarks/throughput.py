@@ -1,0 +1,220 @@
+"""Training throughput of the clustering networks, three ways, alternating in one process:
+
+  ours      the real fit path: AdversarialAutoencoder + FashionMNIST/MNIST DataModule + Trainer,
+            W&B logging on (offline)
+  loop-dl   a plain PyTorch loop of the same nets, losses and three optimizers, fed by a
+            torchvision DataLoader with per-sample ToTensor transforms, as public AAE code does
+  loop-mem  the same loop fed by in-memory tensors
+
+It prints samples/s, the ratios, and the achieved GFLOP/s (from the nets' FLOPs) against the rate
+``torch.mm`` reaches at the same matrix sizes on this machine.
+
+    python benchmarks/throughput.py --data-dir /usr/share/datasets/fashion-mnist --batch-size 100
+"""
+
+import argparse
+import gzip
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchvision
+import wandb
+
+from aae_lightning.cli import cli_main
+from aae_lightning.nets import Discriminator, MLPDecoder, MLPEncoder
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "clustering.yaml"
+HIDDEN = (1000, 1000)
+K, STYLE = 16, 5
+CODES = (
+    "[{class_path: aae_lightning.LatentCode, init_args: {name: y, prior: {class_path: aae_lightning.CategoricalPrior,"
+    f" init_args: {{num_classes: {K}}}}}}}}}, {{class_path: aae_lightning.LatentCode, init_args: {{name: z, prior:"
+    f" {{class_path: aae_lightning.GaussianPrior, init_args: {{dim: {STYLE}}}}}}}}}]"
+)
+
+
+def linear_macs(module: torch.nn.Module) -> int:
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def flops_per_sample(enc: int, dec: int, disc: int) -> int:
+    """Multiply-adds x 2. Forward costs 2 x MACs, backward 4 x MACs (input and weight gradients).
+    reconstruction: encoder and decoder forward + backward; regularization: one encoder forward,
+    the discriminators forward + backward on real and fake, then on fake again with the
+    backward running on through the encoder."""
+    return 6 * (enc + dec) + 2 * enc + 12 * disc + 6 * disc + 4 * enc
+
+
+class PlainAAE:
+    """The module's training step without Lightning: same nets, losses and optimizers."""
+
+    def __init__(self, lr=2e-4, betas=(0.5, 0.999)):
+        self.encoder = MLPEncoder((1, 28, 28), K + STYLE, HIDDEN)
+        self.decoder = MLPDecoder(K + STYLE, (1, 28, 28), HIDDEN)
+        self.d_y, self.d_z = Discriminator(K, HIDDEN), Discriminator(STYLE, HIDDEN)
+        enc = list(self.encoder.parameters())
+        self.opt_ae = torch.optim.Adam(enc + list(self.decoder.parameters()), lr=lr, betas=betas)
+        self.opt_d = torch.optim.Adam([*self.d_y.parameters(), *self.d_z.parameters()], lr=lr, betas=betas)
+        self.opt_g = torch.optim.Adam(enc, lr=lr, betas=betas)
+
+    def encode(self, x):
+        y, z = self.encoder(x).split([K, STYLE], dim=1)
+        return torch.softmax(y, 1), z
+
+    def step(self, x):
+        y, z = self.encode(x)
+        recon = F.binary_cross_entropy_with_logits(self.decoder(torch.cat([y, z], 1)), x)
+        self.opt_ae.zero_grad(set_to_none=True)
+        recon.backward()
+        self.opt_ae.step()
+
+        y, z = self.encode(x)
+        n = len(x)
+        real_y = F.one_hot(torch.randint(K, (n,)), K).float()
+        real_z = torch.randn(n, STYLE)
+        d_loss = 0
+        for disc, real, fake in ((self.d_y, real_y, y.detach()), (self.d_z, real_z, z.detach())):
+            r, f = disc(real), disc(fake)
+            d_loss = d_loss + F.binary_cross_entropy_with_logits(r, torch.ones_like(r)) + F.binary_cross_entropy_with_logits(f, torch.zeros_like(f))
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+
+        g_loss = 0
+        for disc, fake in ((self.d_y, y), (self.d_z, z)):
+            f = disc(fake)
+            g_loss = g_loss + F.binary_cross_entropy_with_logits(f, torch.ones_like(f))
+        self.opt_g.zero_grad(set_to_none=True)
+        for p in [*self.d_y.parameters(), *self.d_z.parameters()]:
+            p.requires_grad_(False)
+        g_loss.backward()
+        for p in [*self.d_y.parameters(), *self.d_z.parameters()]:
+            p.requires_grad_(True)
+        self.opt_g.step()
+
+
+def time_loop(batches, steps: int, warmup: int) -> float:
+    model = PlainAAE()
+    start = None
+    for i, (x, _) in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        if i == warmup + steps:
+            break
+        model.step(x)
+    return steps / (time.perf_counter() - start)
+
+
+def dataloader_batches(root: Path, batch_size: int):
+    dataset = torchvision.datasets.FashionMNIST(root, train=True, transform=torchvision.transforms.ToTensor(), download=False)
+    while True:
+        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+
+
+def memory_batches(images: torch.Tensor, batch_size: int):
+    while True:
+        order = torch.randperm(len(images))
+        for i in range(len(images) // batch_size):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            yield images[idx], None
+
+
+class StepTimer(L.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.batches = warmup, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.batches == self.warmup:
+            self.start = time.perf_counter()
+        self.batches += 1
+
+    def on_train_end(self, trainer, pl_module):
+        self.rate = (self.batches - self.warmup) / (time.perf_counter() - self.start)
+
+
+def time_ours(data_dir: str, batch_size: int, steps: int, warmup: int) -> float:
+    timer = StepTimer(warmup)
+    cli = cli_main(["--config", str(CONFIG), "--data=aae_lightning.FashionMNISTDataModule",
+                    f"--data.data_dir={data_dir}", "--data.download=false", f"--data.batch_size={batch_size}",
+                    f"--model.init_args.codes={CODES}", "--model.init_args.discriminator_noise=0",
+                    "--model.init_args.input_noise=0", "--model.init_args.consistency_weight=0",
+                    f"--trainer.max_steps={3 * (steps + warmup)}", "--trainer.limit_val_batches=0",
+                    "--trainer.num_sanity_val_steps=0", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+                    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"], run=False)
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    wandb.finish()
+    return timer.rate
+
+
+def gemm_gflops(batch_size: int, repeats: int = 20) -> float:
+    """torch.mm at the forward sizes of the nets (backward GEMMs have the same shapes transposed)."""
+    sizes = [(784, 1000), (1000, 1000), (1000, K + STYLE), (K + STYLE, 1000), (1000, 784), (K, 1000), (STYLE, 1000), (1000, 1)]
+    flops = seconds = 0.0
+    for i, o in sizes:
+        a, b = torch.randn(batch_size, i), torch.randn(i, o)
+        torch.mm(a, b)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        seconds += time.perf_counter() - start
+        flops += 2 * batch_size * i * o * repeats
+    return flops / seconds / 1e9
+
+
+def torchvision_layout(data_dir: Path, root: Path) -> None:
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        src = data_dir / f"{name}.gz"
+        if src.is_file():
+            (raw / name).write_bytes(gzip.decompress(src.read_bytes()))
+        else:
+            shutil.copy(data_dir / name, raw / name)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
+    opts = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    L.seed_everything(0, verbose=False)
+
+    from aae_lightning import FashionMNISTDataModule
+
+    dm = FashionMNISTDataModule(data_dir=opts.data_dir, download=False)
+    dm.setup("fit")
+    images = dm.splits["train"][0]
+    plain = PlainAAE()
+    flops = flops_per_sample(linear_macs(plain.encoder), linear_macs(plain.decoder), linear_macs(plain.d_y) + linear_macs(plain.d_z))
+
+    rates = {"ours": [], "loop-dl": [], "loop-mem": []}
+    with tempfile.TemporaryDirectory() as root:
+        torchvision_layout(Path(opts.data_dir), Path(root))
+        for _ in range(opts.repeats):
+            rates["ours"].append(time_ours(opts.data_dir, opts.batch_size, opts.steps, opts.warmup) * opts.batch_size)
+            rates["loop-dl"].append(time_loop(dataloader_batches(Path(root), opts.batch_size), opts.steps, opts.warmup) * opts.batch_size)
+            rates["loop-mem"].append(time_loop(memory_batches(images, opts.batch_size), opts.steps, opts.warmup) * opts.batch_size)
+    gemm = gemm_gflops(opts.batch_size)
+
+    print(f"\nbatch {opts.batch_size}, {opts.steps} timed steps after {opts.warmup} warm-up, best of {opts.repeats}, "
+          f"{torch.get_num_threads()} threads, {flops / 1e6:.1f} MFLOP per sample")
+    best = {k: max(v) for k, v in rates.items()}
+    for name, rate in best.items():
+        print(f"{name:>9}: {rate:9.0f} samples/s  {rate * flops / 1e9:7.1f} GFLOP/s  ({rate * flops / 1e9 / gemm:5.1%} of torch.mm's {gemm:.1f} GFLOP/s)")
+    print(f"ours / loop-dl  = {best['ours'] / best['loop-dl']:.2f}")
+    print(f"ours / loop-mem = {best['ours'] / best['loop-mem']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
