@@ -112,3 +112,22 @@ def test_wandb_mode_follows_credentials_unless_the_user_chose(env, netrc, expect
         monkeypatch.setenv(key, value)
     assert choose_wandb_mode() == expected
     assert has_wandb_credentials() == bool(netrc or "WANDB_API_KEY" in env)
+
+
+def test_hyperband_stops_a_running_trial_that_trails_the_finished_ones(tmp_path):
+    sweep_file = tmp_path / "hb.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "hb", "method": "random", "metric": {"name": "val/purity", "goal": "maximize"},
+        "early_terminate": {"type": "hyperband", "min_iter": 2, "eta": 2},
+        "parameters": {"x": {"values": [1, 2]}}, "command": ["${env}", "true"],
+    }))
+    sweep = OfflineSweep(sweep_file, tmp_path)
+    good = [{"val/purity": v} for v in (0.5, 0.7, 0.8, 0.85)]
+    sweep.trials = [{"id": f"good{i}", "params": {"x": 1}, "state": "finished", "summary": {"val/purity": 0.85}, "history": good}
+                    for i in range(4)]
+    weak = {"id": "weak", "params": {"x": 2}, "state": "running", "summary": {}, "history": [{"val/purity": 0.1}] * 3}
+    strong = {"id": "strong", "params": {"x": 2}, "state": "running", "summary": {}, "history": [{"val/purity": v} for v in (0.9, 0.95, 0.96)]}
+    sweep.trials += [weak, strong]
+    # hyperband compares the metric at epochs 2, 4, 8, ... (0-based) with the finished trials'
+    assert sweep._should_stop(weak)
+    assert not sweep._should_stop(strong)
