@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
+from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
 matplotlib.use("Agg")
@@ -24,6 +25,11 @@ def figure_to_image(fig) -> Image.Image:
     plt.close(fig)
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
+
+
+def grid_image(images: torch.Tensor, nrow: int) -> Image.Image:
+    # as a PIL image: wandb 0.31 casts float tensors to uint8 without scaling [0, 1] up
+    return to_pil_image(make_grid(images, nrow=nrow, padding=2, pad_value=0.5))
 
 
 def log_images(trainer: L.Trainer, images: dict[str, list]) -> None:
@@ -135,8 +141,7 @@ class ClusterGrid(_ValidationFigures):
             best = members[confidence[members].argsort(descending=True)[: self.images_per_cluster]]
             row = [heads[cluster], *x[best]] + [blank] * (self.images_per_cluster - len(best))
             rows.extend(row)
-        grid = make_grid(torch.stack(rows), nrow=self.images_per_cluster + 1, padding=2, pad_value=0.5)
-        return {"clusters/grid": [grid]}
+        return {"clusters/grid": [grid_image(torch.stack(rows), nrow=self.images_per_cluster + 1)]}
 
 
 class PriorSamples(L.Callback):
@@ -154,4 +159,4 @@ class PriorSamples(L.Callback):
         with torch.no_grad():
             samples = pl_module.decode(pl_module.sample_prior(self.num_samples)).cpu().clamp(0, 1)
         nrow = int(np.ceil(np.sqrt(self.num_samples)))
-        log_images(trainer, {"samples/prior": [make_grid(samples, nrow=nrow, pad_value=0.5)]})
+        log_images(trainer, {"samples/prior": [grid_image(samples, nrow)]})

@@ -1,7 +1,9 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from aae_lightning.cli import cli_main
 from conftest import CONFIGS
@@ -86,6 +88,9 @@ def test_clustering_run_records_metrics_and_images_in_wandb(mnist_dir, offline_w
     media = {str(p.relative_to(run.dir / "files" / "media" / "images")).rsplit("_", 2)[0] for p in run.media()}
     for image in ("latent/z", "latent/cluster_sizes", "clusters/grid", "samples/prior"):
         assert f"{image}/_type" in keys and image in media, image
+    for path in run.media():  # real pictures, not the near-black canvases of unscaled floats
+        pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+        assert pixels.std() > 1, path
 
     ckpt = last_checkpoint(offline_wandb)
     capsys.readouterr()
