@@ -1,6 +1,7 @@
 """Adversarial Autoencoders (Makhzani et al. 2015) as a PyTorch Lightning project."""
 
 from aae_lightning.callbacks import ClusterGrid, LatentPlot, PriorSamples
+from aae_lightning.checkpointing import AtomicCheckpointIO, InterruptCheckpoint
 from aae_lightning.codes import LatentCode
 from aae_lightning.data import FashionMNISTDataModule, ImageDataModule, MNISTDataModule, SVHNDataModule
 from aae_lightning.model import AdversarialAutoencoder
@@ -8,12 +9,14 @@ from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, Gaussia
 
 __all__ = [
     "AdversarialAutoencoder",
+    "AtomicCheckpointIO",
     "CategoricalPrior",
     "ClusterGrid",
     "FashionMNISTDataModule",
     "GaussianMixturePrior",
     "GaussianPrior",
     "ImageDataModule",
+    "InterruptCheckpoint",
     "LatentCode",
     "LatentPlot",
     "MNISTDataModule",
