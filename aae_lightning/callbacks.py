@@ -39,20 +39,28 @@ def log_images(trainer: L.Trainer, images: dict[str, list]) -> None:
                 logger.log_image(key=key, images=value, step=trainer.global_step)
 
 
+def draws_this_epoch(trainer: L.Trainer, every_n_epochs: int) -> bool:
+    return trainer.is_global_zero and not trainer.sanity_checking and trainer.current_epoch % every_n_epochs == 0
+
+
+def check_every_n_epochs(owner: object, every_n_epochs: int) -> int:
+    if every_n_epochs < 1:
+        raise ValueError(f"{type(owner).__name__}: every_n_epochs must be >= 1, got {every_n_epochs}")
+    return every_n_epochs
+
+
 class _ValidationFigures(L.Callback):
     """Collects validation outputs on the epochs it draws, then calls ``draw``."""
 
     needs_images = False
 
     def __init__(self, every_n_epochs: int = 1, max_examples: int = 5000):
-        if every_n_epochs < 1:
-            raise ValueError(f"{type(self).__name__}: every_n_epochs must be >= 1, got {every_n_epochs}")
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = check_every_n_epochs(self, every_n_epochs)
         self.max_examples = max_examples
         self._collected: list[dict] = []
 
     def _active(self, trainer) -> bool:
-        return trainer.is_global_zero and not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
+        return draws_this_epoch(trainer, self.every_n_epochs)
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self._collected = []
@@ -148,13 +156,11 @@ class PriorSamples(L.Callback):
     """Images decoded from codes sampled from the priors."""
 
     def __init__(self, num_samples: int = 100, every_n_epochs: int = 1):
-        if every_n_epochs < 1:
-            raise ValueError(f"PriorSamples: every_n_epochs must be >= 1, got {every_n_epochs}")
         self.num_samples = num_samples
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = check_every_n_epochs(self, every_n_epochs)
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if not trainer.is_global_zero or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
+        if not draws_this_epoch(trainer, self.every_n_epochs):
             return
         with torch.no_grad():
             samples = pl_module.decode(pl_module.sample_prior(self.num_samples)).cpu().clamp(0, 1)
