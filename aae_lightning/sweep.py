@@ -97,7 +97,8 @@ class OfflineSweep:
         ]
 
     def _read_back(self, trial: dict) -> None:
-        run = find_run(trial["id"], self.run_roots)
+        # the run's folder is searched for once; later polls only re-read its record log
+        run = OfflineRun(trial["run_dir"]) if "run_dir" in trial else find_run(trial["id"], self.run_roots)
         if run is None:
             return
         trial["run_dir"] = str(run.dir)
