@@ -1,6 +1,8 @@
-"""Checkpoints that survive kills: atomic writes, and a last checkpoint on Ctrl-C or SIGTERM."""
+"""Checkpoints that survive kills (atomic writes, a last checkpoint on Ctrl-C or SIGTERM) and that
+load safely (no pickled code runs, a checkpoint of another config is named as such)."""
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -41,3 +43,57 @@ class InterruptCheckpoint(L.Callback):
         callback = trainer.checkpoint_callback
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and callback is not None and callback.dirpath:
             trainer.save_checkpoint(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be found, read or used with this model."""
+
+
+def find_last_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The newest ``last*.ckpt`` where this trainer's checkpoint callbacks write, or None.
+
+    Lightning's own ``ckpt_path="last"`` looks only in the new run's directory, which for W&B is
+    named after the new run id and so always empty; this searches the earlier runs' directories.
+    """
+    dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath]
+    if len(dirs) < len(trainer.checkpoint_callbacks):  # some follow the logger: <save_dir>/<name>/<version>/checkpoints
+        logger = trainer.logger
+        if logger is None:
+            dirs.append(Path(trainer.default_root_dir, "checkpoints"))
+        else:
+            dirs.extend(Path(logger.save_dir or trainer.default_root_dir, str(logger.name)).glob("*/checkpoints"))
+    candidates = [p for d in dirs for p in d.glob("last*.ckpt")]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Loads with ``weights_only=True``: tensors and plain containers only, so a pickle that would
+    run code is refused instead of run."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).splitlines()[0]
+        raise CheckpointError(f"refusing to load {path}: it holds more than weights ({reason})") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]} (corrupt or truncated?)") from None
+
+
+def check_matches(checkpoint: dict, model: torch.nn.Module, path: str | Path) -> None:
+    """Names the parameters where a checkpoint and the model built from the config disagree."""
+    saved = checkpoint.get("state_dict")
+    if saved is None:
+        raise CheckpointError(f"{path} has no state_dict: not a Lightning checkpoint")
+    current = model.state_dict()
+    problems = [f"{k}: checkpoint {tuple(saved[k].shape)} vs config {tuple(v.shape)}"
+                for k, v in current.items() if k in saved and saved[k].shape != v.shape]
+    problems += [f"{k} missing from the checkpoint" for k in current if k not in saved]
+    problems += [f"{k} not in the model" for k in saved if k not in current]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(
+            f"{path} was written for a different config: {'; '.join(problems[:3])}{more}. "
+            "Use the config the checkpoint was trained with."
+        )

@@ -5,10 +5,17 @@ import sys
 import wandb
 from lightning.pytorch.cli import LightningCLI
 
+from aae_lightning.checkpointing import CheckpointError, check_matches, find_last_checkpoint, load_checkpoint
 from aae_lightning.data import DataError, ImageDataModule
 from aae_lightning.model import AdversarialAutoencoder, NonFiniteLossError
 from aae_lightning.sweep import main as sweep_main
-from aae_lightning.tracking import SaveConfigToRun, choose_wandb_mode, keep_checkpoints_local_offline
+from aae_lightning.tracking import (
+    SaveConfigToRun,
+    checkpoint_wandb_run_id,
+    choose_wandb_mode,
+    continue_wandb_run,
+    keep_checkpoints_local_offline,
+)
 
 
 class AAECLI(LightningCLI):
@@ -21,6 +28,30 @@ class AAECLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         keep_checkpoints_local_offline(trainer.loggers)
         return trainer
+
+    def _prepare_checkpoint(self) -> None:
+        """Resolves ``--ckpt_path`` (``last``: the newest last.ckpt of earlier runs), checks the file
+        before Lightning touches it, and for ``fit`` continues the W&B run it came from."""
+        config = self.config_init[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None:
+            return
+        if ckpt_path == "last":
+            found = find_last_checkpoint(self.trainer)
+            if found is None and self.subcommand == "fit":
+                print("resume: no last.ckpt from an earlier run was found; starting from scratch")
+                config.ckpt_path = None
+                return
+            if found is None:
+                raise CheckpointError(f"{self.subcommand}: --ckpt_path last found no last.ckpt from an earlier run")
+            print(f"resume: {found}")
+            ckpt_path = config.ckpt_path = str(found)
+        checkpoint = load_checkpoint(ckpt_path)
+        check_matches(checkpoint, self.model, ckpt_path)
+        if self.subcommand == "fit":
+            continue_wandb_run(self.trainer.loggers, checkpoint_wandb_run_id(checkpoint))
+
+    before_fit = before_validate = before_test = before_predict = _prepare_checkpoint
 
 
 def cli_main(args=None, run: bool = True) -> AAECLI | None:
@@ -45,7 +76,7 @@ def cli_main(args=None, run: bool = True) -> AAECLI | None:
             args=args,
             run=run,
         )
-    except (DataError, NonFiniteLossError, ValueError) as err:
+    except (DataError, NonFiniteLossError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:

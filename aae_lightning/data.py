@@ -47,7 +47,10 @@ def read_idx(path: Path) -> np.ndarray:
 class TensorBatches:
     """Iterates over index batches of in-memory tensors: the whole data path is one gather per batch.
 
-    Under DDP each process takes its own strided shard of the same seeded permutation.
+    Under DDP each process takes its own strided shard of the same seeded permutation. Each pass
+    draws the permutation of the next epoch. The position in the epoch is part of checkpoints
+    (Lightning saves ``state_dict`` of a loader that has one), so a run resumed mid-epoch sees
+    exactly the batches an uninterrupted run would have.
     """
 
     def __init__(self, tensors, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1):
@@ -58,6 +61,7 @@ class TensorBatches:
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.position = 0  # batches of the current epoch already handed out
 
     def _num_samples(self) -> int:
         return len(self.tensors[0]) // self.world_size
@@ -66,16 +70,24 @@ class TensorBatches:
         n = self._num_samples()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
     def __iter__(self):
+        if self.position >= len(self):  # the previous pass ran to its end
+            self.epoch, self.position = self.epoch + 1, 0
         n = len(self.tensors[0])
         if self.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            self.epoch += 1
         else:
             order = torch.arange(n)
         order = order[self.rank : self._num_samples() * self.world_size : self.world_size]
-        for i in range(len(self)):
+        for i in range(self.position, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            self.position = i + 1
             yield tuple(t[idx] for t in self.tensors)
 
 

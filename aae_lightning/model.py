@@ -204,11 +204,14 @@ class AdversarialAutoencoder(L.LightningModule):
         optimizer.step()
         self.untoggle_optimizer(optimizer)
 
-    def _check_finite(self, phase: str, loss: torch.Tensor, batch_idx: int) -> None:
-        if not torch.isfinite(loss):
+    def _check_finite(self, losses: dict[str, torch.Tensor], batch_idx: int, step: int) -> None:
+        # one host sync per step, before anything (a checkpoint among them) can see the weights
+        values = torch.stack(list(losses.values()))
+        if not torch.isfinite(values).all():
+            phase, value = next((p, v.item()) for p, v in losses.items() if not torch.isfinite(v))
             raise NonFiniteLossError(
-                f"{phase} loss is {loss.item()} at batch {batch_idx} of epoch {self.current_epoch} "
-                f"(global step {self.global_step}); "
+                f"{phase} loss is {value} at batch {batch_idx} of epoch {self.current_epoch} "
+                f"(global step {step}); "
                 "training stopped. Lower the learning rates or check the input data."
             )
 
@@ -218,10 +221,10 @@ class AdversarialAutoencoder(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, _ = batch
         opt_ae, opt_d, opt_g = self.optimizers()
+        step = self.global_step
 
         with self._phase(opt_ae):
             recon = self.reconstruction_loss(x, self.encode(self._corrupt(x)))
-            self._check_finite("reconstruction", recon, batch_idx)
             self.manual_backward(recon)
 
         # One encoder pass serves both regularization steps: the discriminator sees it detached,
@@ -229,19 +232,37 @@ class AdversarialAutoencoder(L.LightningModule):
         codes = self.encode(self._corrupt(x))
         with self._phase(opt_d):
             d_loss, d_acc = self.discriminator_loss(codes)
-            self._check_finite("discriminator", d_loss, batch_idx)
             self.manual_backward(d_loss)
         with self._phase(opt_g):
             g_loss = self.generator_loss(codes)
             if self.consistency_weight > 0:
                 g_loss = g_loss + self.consistency_weight * self.consistency_loss(x, codes)
-            self._check_finite("generator", g_loss, batch_idx)
             self.manual_backward(g_loss)
+        self._check_finite({"reconstruction": recon, "discriminator": d_loss, "generator": g_loss}, batch_idx, step)
 
         self.log_dict(
             {"train/recon_loss": recon, "train/d_loss": d_loss, "train/g_loss": g_loss, "train/d_accuracy": d_acc},
             on_step=True, on_epoch=True, prog_bar=True,
         )
+
+    # The noise and prior draws come from torch's global generator: checkpoints keep its state so a
+    # resumed run draws what the uninterrupted one would. It is put back when training starts, after
+    # the sanity check's validation.
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint):
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self):
+        states = getattr(self, "_rng_states_to_restore", None)
+        if states:
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+        self._rng_states_to_restore = None
 
     def on_train_epoch_end(self):
         for scheduler in self.lr_schedulers() or []:

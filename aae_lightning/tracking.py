@@ -40,8 +40,21 @@ def keep_checkpoints_local_offline(loggers) -> None:
             print("W&B: offline, so log_model is ignored; checkpoints stay in the local checkpoint directory")
 
 
+def continue_wandb_run(loggers, run_id: str | None) -> None:
+    """Points the (not yet started) W&B logger at the run a checkpoint came from, so a resumed fit
+    logs into the same run id instead of starting a new one."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and run_id:
+            if logger._experiment is not None:
+                raise RuntimeError("the W&B run started before the checkpoint was read")
+            # WandbLogger takes the id only in its constructor; it passes _wandb_init to wandb.init
+            logger._wandb_init.update(id=run_id, resume="allow")
+            logger._id = run_id
+
+
 class SaveConfigToRun(SaveConfigCallback):
-    """Saves the resolved config into the run's own directory and the W&B run config.
+    """Saves the resolved config into the run's own directory and the W&B run config, and keeps
+    the W&B run id in checkpoints so that a resumed fit continues that run.
 
     LightningCLI's default writes ``config.yaml`` into ``trainer.log_dir``, which for W&B is the
     shared save dir, so a second run there would fail on the existing file.
@@ -50,12 +63,21 @@ class SaveConfigToRun(SaveConfigCallback):
     def __init__(self, *args, **kwargs):
         kwargs["save_to_log_dir"] = False
         super().__init__(*args, **kwargs)
+        self.wandb_run_id: str | None = None
+
+    def state_dict(self) -> dict:
+        return {"wandb_run_id": self.wandb_run_id} if self.wandb_run_id else {}
 
     def save_config(self, trainer, pl_module, stage):
         text = self.parser.dump(self.config, skip_none=False)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run = logger.experiment
+                self.wandb_run_id = run.id
                 run.config.update(yaml.safe_load(text), allow_val_change=True)
                 # wandb owns files/config.yaml; ours goes beside it and is uploaded with the run
                 Path(run.dir, "lightning_config.yaml").write_text(text)
+
+
+def checkpoint_wandb_run_id(checkpoint: dict) -> str | None:
+    return checkpoint.get("callbacks", {}).get(SaveConfigToRun.__qualname__, {}).get("wandb_run_id")

@@ -1,13 +1,27 @@
+import copy
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+import wandb
+import yaml
 
 from aae_lightning.checkpointing import AtomicCheckpointIO
+from aae_lightning.cli import cli_main
+from aae_lightning.offline_runs import offline_runs
 from conftest import CONFIGS
+
+
+def own_wandb_service() -> dict:
+    """The environment for a separately launched fit: W&B passes its service's address to child
+    processes, and a child killed there would leave its run registered in this process's service."""
+    return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
 
 
 def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
@@ -31,7 +45,7 @@ def test_sigterm_saves_a_last_checkpoint_that_loads_safely(mnist_dir, tmp_path):
         [sys.executable, "-m", "aae_lightning", "fit", "--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}",
          "--data.download=false", "--data.val_size=100", "--data.batch_size=1", "--trainer.max_epochs=100000",
          "--trainer.enable_progress_bar=false"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, env=own_wandb_service(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob("runs/*/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
@@ -48,3 +62,102 @@ def test_sigterm_saves_a_last_checkpoint_that_loads_safely(mnist_dir, tmp_path):
     assert checkpoint["global_step"] % (3 * 500), "expected a checkpoint from the middle of an epoch"
     assert len(checkpoint["optimizer_states"]) == 3
     assert not list(last.parent.glob(".*.tmp"))
+
+
+class ResumeProbe(L.Callback):
+    """Records, when training (re)starts, the step counter, weights and optimizer states."""
+
+    seen: dict = {}
+
+    def on_train_start(self, trainer, pl_module):
+        ResumeProbe.seen = {
+            "global_step": trainer.global_step,
+            "state_dict": {k: v.clone() for k, v in pl_module.state_dict().items()},
+            "optimizer_states": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
+        }
+
+
+def _override_config(path: Path, probe: bool) -> Path:
+    callbacks = [
+        {"class_path": "aae_lightning.InterruptCheckpoint"},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 30}},
+    ]
+    if probe:
+        callbacks.append({"class_path": "test_checkpointing.ResumeProbe"})
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    return path
+
+
+def _assert_same_tensors(a, b, what):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), what
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            _assert_same_tensors(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{what}[{i}]")
+    else:
+        assert a == b, what
+
+
+def test_sigkill_then_resume_continues_exactly_where_the_checkpoint_left_off(mnist_dir, tmp_path, monkeypatch):
+    """An uninterrupted run and a run SIGKILLed mid-epoch then resumed with --ckpt_path last end
+    with identical weights: model, optimizers, step counters, data position and RNG all resume."""
+    steps_per_epoch = 3 * 500  # 500 training images, batch size 1, three optimizer steps each
+    args = ["fit", "--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}", "--data.download=false",
+            "--data.val_size=100", "--data.batch_size=1", "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false",
+            "--trainer.num_sanity_val_steps=0", "--model.encoder=aae_lightning.nets.MLPEncoder", "--model.encoder.hidden=[32]",
+            "--model.decoder=aae_lightning.nets.MLPDecoder", "--model.decoder.hidden=[32]", "--model.discriminator_hidden=[32]"]
+
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference_dir.mkdir(), killed_dir.mkdir()
+    monkeypatch.chdir(reference_dir)
+    cli_main([*args, "--config", str(_override_config(reference_dir / "ckpt.yaml", probe=False))])
+    (reference_ckpt,) = reference_dir.glob("runs/*/*/checkpoints/last.ckpt")
+    reference = torch.load(reference_ckpt, weights_only=True)
+    wandb.teardown()  # its service resolves relative paths against the directory it started in
+
+    proc = subprocess.Popen([sys.executable, "-m", "aae_lightning", *args, "--config", str(_override_config(killed_dir / "ckpt.yaml", probe=False))],
+                            cwd=killed_dir, env=own_wandb_service(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        step = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list(killed_dir.glob("runs/*/*/checkpoints/last.ckpt"))
+            if found:
+                step = torch.load(found[0], weights_only=True)["global_step"]
+                if steps_per_epoch + 150 <= step < 2 * steps_per_epoch - 150:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.02)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed mid-epoch (last step seen {step}): {proc.stderr.read()[-2000:]}"
+    (last,) = killed_dir.glob("runs/*/*/checkpoints/last.ckpt")
+    killed = torch.load(last, weights_only=True)
+    assert killed["global_step"] % steps_per_epoch, "expected a checkpoint from the middle of an epoch"
+    run_id = last.parent.parent.name
+
+    monkeypatch.chdir(killed_dir)
+    cli_main([*args, "--config", str(_override_config(killed_dir / "probe.yaml", probe=True)), "--ckpt_path", "last"])
+
+    seen = ResumeProbe.seen
+    assert seen["global_step"] == killed["global_step"]
+    _assert_same_tensors(seen["state_dict"], killed["state_dict"], "weights at resume")
+    _assert_same_tensors(seen["optimizer_states"], killed["optimizer_states"], "optimizer states at resume")
+
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == reference["global_step"] == 3 * steps_per_epoch
+    _assert_same_tensors(resumed["state_dict"], reference["state_dict"], "final weights vs the uninterrupted run")
+
+    runs = offline_runs(killed_dir)
+    assert {r.id for r in runs} == {run_id}, "the resumed fit must continue the killed run's W&B run"
+    resumed_run = max(runs, key=lambda r: r.dir.name)
+    # W&B's step axis counts batches (three optimizer steps each): the history picks up after the checkpoint
+    batches_at_kill = killed["global_step"] // 3
+    assert batches_at_kill <= min(resumed_run.values("trainer/global_step")) <= batches_at_kill + 50
