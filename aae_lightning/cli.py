@@ -8,7 +8,6 @@ from lightning.pytorch.cli import LightningCLI
 from aae_lightning.checkpointing import CheckpointError, check_matches, find_last_checkpoint, load_checkpoint
 from aae_lightning.data import DataError, ImageDataModule
 from aae_lightning.model import AdversarialAutoencoder, NonFiniteLossError
-from aae_lightning.sweep import main as sweep_main
 from aae_lightning.tracking import (
     SaveConfigToRun,
     checkpoint_wandb_run_id,
@@ -28,6 +27,15 @@ class AAECLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         keep_checkpoints_local_offline(trainer.loggers)
         return trainer
+
+    def parse_arguments(self, parser, args):
+        super().parse_arguments(parser, args)
+        # LightningCLI reads the checkpoint's hyperparameters right after parsing; refuse a bad
+        # file here with one line instead of a traceback from torch.load
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path != "last":
+            load_checkpoint(ckpt_path)
 
     def _prepare_checkpoint(self) -> None:
         """Resolves ``--ckpt_path`` (``last``: the newest last.ckpt of earlier runs), checks the file
@@ -54,6 +62,16 @@ class AAECLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _prepare_checkpoint
 
 
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception: jsonargparse wraps a constructor's ValueError in a many-line
+    union-type error whose context is the constructor's own one-line message."""
+    while True:
+        inner = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        if inner is None:
+            return err
+        err = inner
+
+
 def cli_main(args=None, run: bool = True) -> AAECLI | None:
     """The CLI; with ``run=False`` it only builds model, data and trainer (for benchmarks).
 
@@ -61,6 +79,8 @@ def cli_main(args=None, run: bool = True) -> AAECLI | None:
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["sweep"]:
+        from aae_lightning.sweep import main as sweep_main  # the sweep engine is needed only here
+
         sweep_main(argv[1:])
         return None
     choose_wandb_mode()
@@ -77,7 +97,7 @@ def cli_main(args=None, run: bool = True) -> AAECLI | None:
             run=run,
         )
     except (DataError, NonFiniteLossError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {root_cause(err)}", file=sys.stderr)
         sys.exit(2)
     finally:
         # close the run so a later cli_main in the same process starts its own, not reuses this one

@@ -62,6 +62,7 @@ class TensorBatches:
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.position = 0  # batches of the current epoch already handed out
+        self._restored = False
 
     def _num_samples(self) -> int:
         return len(self.tensors[0]) // self.world_size
@@ -75,10 +76,13 @@ class TensorBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
+        self._restored = True
 
     def __iter__(self):
-        if self.position >= len(self):  # the previous pass ran to its end
-            self.epoch, self.position = self.epoch + 1, 0
+        # a restored position inside an epoch continues it; every other pass starts the next epoch
+        if not (self._restored and self.position < len(self)):
+            self.epoch, self.position = self.epoch + (self.position > 0), 0
+        self._restored = False
         n = len(self.tensors[0])
         if self.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))

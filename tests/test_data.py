@@ -120,3 +120,23 @@ def test_tensor_batches_shard_one_permutation_across_processes():
     batches = TensorBatches(data, 10, shuffle=True, seed=3)
     first, second = (torch.cat([b[0] for b in batches]) for _ in range(2))
     assert not torch.equal(first, second) and sorted(first.tolist()) == list(range(103))
+
+
+def test_tensor_batches_resume_mid_epoch_and_start_a_new_epoch_otherwise():
+    data = (torch.arange(20),)
+    batches = TensorBatches(data, 4, shuffle=True, seed=3)
+    epoch0 = [b[0] for b in batches]
+    epoch1_start = iter(batches)
+    first_two = [next(epoch1_start)[0] for _ in range(2)]
+    state = batches.state_dict()
+
+    resumed = TensorBatches(data, 4, shuffle=True, seed=3)
+    resumed.load_state_dict(state)
+    rest = [b[0] for b in resumed]
+    epoch1 = first_two + rest
+    assert len(rest) == 3 and torch.equal(torch.cat(epoch1).sort().values, torch.arange(20))
+    assert not torch.equal(torch.cat(epoch1), torch.cat(epoch0))  # a fresh permutation per epoch
+    # a pass cut short (limit_train_batches) does not make the next pass continue it
+    reference = TensorBatches(data, 4, shuffle=True, seed=3)
+    [next(iter(reference)) for _ in range(1)]
+    assert torch.equal(torch.cat([b[0] for b in reference]), torch.cat(epoch1))
