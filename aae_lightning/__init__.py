@@ -1,9 +1,10 @@
 """Adversarial Autoencoders (Makhzani et al. 2015) as a PyTorch Lightning project."""
 
-from aae_lightning.callbacks import ClusterGrid, LatentPlot, PriorSamples
+from aae_lightning.callbacks import ClusterGrid, LatentPlot, PriorSamples, StyleGrid
 from aae_lightning.checkpointing import AtomicCheckpointIO, InterruptCheckpoint
 from aae_lightning.codes import LatentCode
 from aae_lightning.data import FashionMNISTDataModule, ImageDataModule, MNISTDataModule, SVHNDataModule
+from aae_lightning.likelihood import ParzenLikelihood
 from aae_lightning.model import AdversarialAutoencoder
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
 
@@ -20,8 +21,10 @@ __all__ = [
     "LatentCode",
     "LatentPlot",
     "MNISTDataModule",
+    "ParzenLikelihood",
     "Prior",
     "PriorSamples",
+    "StyleGrid",
     "SVHNDataModule",
     "SwissRollPrior",
 ]

@@ -166,3 +166,31 @@ class PriorSamples(L.Callback):
             samples = pl_module.decode(pl_module.sample_prior(self.num_samples)).cpu().clamp(0, 1)
         nrow = int(np.ceil(np.sqrt(self.num_samples)))
         log_images(trainer, {"samples/prior": [grid_image(samples, nrow)]})
+
+
+class StyleGrid(L.Callback):
+    """The paper's Figures 6-8, style against content: each row decodes one draw of the other
+    codes from their priors (a style), each column one class of the categorical content code.
+
+    Args:
+        content_code: the categorical code; default the first one.
+        num_styles: rows of the grid.
+    """
+
+    def __init__(self, content_code: str | None = None, num_styles: int = 10, every_n_epochs: int = 1):
+        self.content_code = content_code
+        self.num_styles = num_styles
+        self.every_n_epochs = check_every_n_epochs(self, every_n_epochs)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not draws_this_epoch(trainer, self.every_n_epochs):
+            return
+        name = self.content_code or next((c.name for c in pl_module.codes if c.prior.num_classes), None)
+        if name is None:
+            return
+        k = next(c.dim for c in pl_module.codes if c.name == name)
+        with torch.no_grad():
+            codes = {n: v.repeat_interleave(k, dim=0) for n, v in pl_module.sample_prior(self.num_styles).items()}
+            codes[name] = torch.eye(k, device=pl_module.device).repeat(self.num_styles, 1)
+            images = pl_module.decode(codes).cpu().clamp(0, 1)
+        log_images(trainer, {"samples/style_content": [grid_image(images, nrow=k)]})

@@ -1,5 +1,7 @@
 """The latent as named codes: each code has a prior, and the model gives it a discriminator."""
 
+from typing import Literal
+
 from aae_lightning.priors import Prior
 
 
@@ -13,23 +15,44 @@ class LatentCode:
         balance_weight: opt-in, beyond the paper, categorical codes only: in the generator phase,
             also minimise KL(batch mean of q(y|x) || uniform). It counters the early collapse onto
             a few categories that the adversarial loss alone escapes only slowly.
+        source: ``encoder`` (the encoder infers the code, a discriminator regularizes it) or
+            ``label``: the one-hot label itself goes to the decoder, nothing is inferred or
+            regularized (the supervised AAE of paper sec. 4, where the encoder learns only style).
+        conditioned: the discriminator also sees the label, one-hot with one extra "unlabelled"
+            slot, and real samples come from the label's part of the prior (paper sec. 2.3, Fig. 4).
     """
 
-    def __init__(self, name: str, prior: Prior, weight: float = 1.0, balance_weight: float = 0.0):
+    def __init__(self, name: str, prior: Prior, weight: float = 1.0, balance_weight: float = 0.0,
+                 source: Literal["encoder", "label"] = "encoder", conditioned: bool = False):
         if not name.isidentifier():
             raise ValueError(f"LatentCode: name must be an identifier such as 'y' or 'z', got {name!r}")
         if weight < 0:
             raise ValueError(f"LatentCode {name!r}: weight must be >= 0, got {weight}")
         if balance_weight < 0 or (balance_weight > 0 and not prior.num_classes):
             raise ValueError(f"LatentCode {name!r}: balance_weight must be >= 0 and needs a categorical prior, got {balance_weight} with {prior!r}")
+        if source not in ("encoder", "label"):
+            raise ValueError(f"LatentCode {name!r}: source must be 'encoder' or 'label', got {source!r}")
+        if source == "label" and (not prior.num_classes or conditioned or balance_weight):
+            raise ValueError(f"LatentCode {name!r}: a code taken from the label needs a categorical prior and no conditioning or balance term")
+        if conditioned and prior.num_parts is None:
+            raise ValueError(f"LatentCode {name!r}: conditioned=True needs a prior whose parts labels can pick "
+                             f"(mixture, swiss roll, categorical), got {prior!r}")
         self.name = name
         self.prior = prior
         self.weight = weight
         self.balance_weight = balance_weight
+        self.source = source
+        self.conditioned = conditioned
 
     @property
     def dim(self) -> int:
         return self.prior.dim
 
+    @property
+    def inferred(self) -> bool:
+        """Whether the encoder produces this code (and a discriminator regularizes it)."""
+        return self.source == "encoder"
+
     def __repr__(self) -> str:
-        return f"LatentCode(name={self.name!r}, prior={self.prior!r}, weight={self.weight}, balance_weight={self.balance_weight})"
+        return (f"LatentCode(name={self.name!r}, prior={self.prior!r}, weight={self.weight}, balance_weight={self.balance_weight}, "
+                f"source={self.source!r}, conditioned={self.conditioned})")

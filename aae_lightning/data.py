@@ -103,17 +103,25 @@ class ImageDataModule(L.LightningDataModule):
         download: download with torchvision when the files are missing (needs a network).
         batch_size: training and evaluation batch size.
         val_size: number of training images held out, by a seeded split, for validation.
-        seed: seed of the validation split and of the shuffling.
+        seed: seed of the validation split, the labelled subset and the shuffling.
+        num_labeled: semi-supervised training: only this many training images keep their label,
+            the same number per class, drawn (seeded) from the training split, so never from
+            validation. Training batches are then {"all": (images, labels with -1 where hidden),
+            "labeled": (images, labels)}, the small labelled set cycling beside the whole set.
     """
 
     name: str = ""
     input_shape: tuple[int, int, int] = (1, 28, 28)
     num_classes: int = 10
 
-    def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 100, val_size: int = 5000, seed: int = 0):
+    def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 100, val_size: int = 5000, seed: int = 0,
+                 num_labeled: int | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"{type(self).__name__}: batch_size must be >= 1, got {batch_size}")
+        if num_labeled is not None and (num_labeled < self.num_classes or num_labeled % self.num_classes):
+            raise ValueError(f"{type(self).__name__}: num_labeled must be a positive multiple of the {self.num_classes} classes "
+                             f"(the same number per class), got {num_labeled}")
         if val_size < 0:
             raise ValueError(f"{type(self).__name__}: val_size must be >= 0, got {val_size}")
         self.data_dir = Path(data_dir).expanduser()
@@ -121,6 +129,7 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_size = val_size
         self.seed = seed
+        self.num_labeled = num_labeled
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def load_split(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -149,15 +158,44 @@ class ImageDataModule(L.LightningDataModule):
             val_idx, train_idx = order[: self.val_size], order[self.val_size :]
             self.splits["train"] = (images[train_idx], labels[train_idx])
             self.splits["val"] = (images[val_idx], labels[val_idx])
+            if self.num_labeled is not None:
+                self._hide_labels()
         if stage in ("test", "predict") and "test" not in self.splits:
             self.splits["test"] = self._to_tensors(*self.load_split(train=False))
+
+    def labeled_indices(self, labels: torch.Tensor) -> torch.Tensor:
+        """Indices of ``num_labeled`` training images, the same number per class, seeded."""
+        if self.num_labeled > len(labels):
+            raise ValueError(f"{type(self).__name__}: num_labeled={self.num_labeled} is larger than the training split ({len(labels)} images)")
+        per_class = self.num_labeled // self.num_classes
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        chosen = []
+        for cls in range(self.num_classes):
+            members = (labels == cls).nonzero().squeeze(1)
+            if len(members) < per_class:
+                raise ValueError(f"{type(self).__name__}: num_labeled={self.num_labeled} needs {per_class} images of class {cls}, "
+                                 f"but the training split ({len(labels)} images) has {len(members)}")
+            chosen.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+        return torch.cat(chosen).sort().values
+
+    def _hide_labels(self) -> None:
+        images, labels = self.splits["train"]
+        idx = self.labeled_indices(labels)
+        self.splits["labeled"] = (images[idx], labels[idx])
+        hidden = torch.full_like(labels, -1)
+        hidden[idx] = labels[idx]
+        self.splits["train"] = (images, hidden)
 
     def _batches(self, split: str, shuffle: bool) -> TensorBatches:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return TensorBatches(self.splits[split], self.batch_size, shuffle, self.seed, drop_last=shuffle, rank=rank, world_size=world)
+        batch_size = max(1, min(self.batch_size, len(self.splits[split][0]) // world))
+        return TensorBatches(self.splits[split], batch_size, shuffle, self.seed, drop_last=shuffle, rank=rank, world_size=world)
 
     def train_dataloader(self):
+        if "labeled" in self.splits:
+            # Lightning combines a dict of loaders ("max_size_cycle"): the labelled set cycles
+            return {"all": self._batches("train", shuffle=True), "labeled": self._batches("labeled", shuffle=True)}
         return self._batches("train", shuffle=True)
 
     def val_dataloader(self):

@@ -38,7 +38,8 @@ class _ContingencyMetric(Metric):
             clusters, confidence = cluster_probs.long(), torch.ones(len(cluster_probs), device=cluster_probs.device)
         cell = clusters * self.num_classes + target.long()
         size = self.num_clusters * self.num_classes
-        self.counts += torch.bincount(cell, minlength=size).view_as(self.counts)
+        # out of place: states reset under validate's inference mode must still update in fit
+        self.counts = self.counts + torch.bincount(cell, minlength=size).view_as(self.counts)
         best = torch.full((size,), -1.0, device=confidence.device).scatter_reduce(0, cell, confidence.float(), "amax")
         self.best_confidence = torch.maximum(self.best_confidence, best.view_as(self.best_confidence))
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from aae_lightning.codes import LatentCode
 from aae_lightning.metrics import ClusterMetrics
@@ -53,6 +54,13 @@ class AdversarialAutoencoder(L.LightningModule):
             cluster code of a randomly shifted image agree with that of the image
             (KL(q(y|x) || q(y|shift(x))), the first held fixed). 0 turns it off.
         consistency_shift: the largest shift, in pixels, for ``consistency_weight``.
+        supervised_code: turns on the semi-supervised phase (paper sec. 5): after the
+            regularization phase, cross-entropy between this categorical code's q(y|x) and the
+            labels of a labelled batch (the DataModule's ``num_labeled`` images, or the labelled
+            rows of the batch). It logs ``val/error`` and ``test/error``.
+        lr_supervised: learning rate of that phase. It has its own Adam over the encoder, a
+            fourth optimizer that exists only with the phase: sharing the generator's would mix
+            the moment estimates of two different losses.
     """
 
     def __init__(
@@ -75,6 +83,8 @@ class AdversarialAutoencoder(L.LightningModule):
         cluster_code: str | None = None,
         consistency_weight: float = 0.0,
         consistency_shift: int = 2,
+        supervised_code: str | None = None,
+        lr_supervised: float = 1e-3,
     ):
         super().__init__()
         if not codes:
@@ -82,25 +92,42 @@ class AdversarialAutoencoder(L.LightningModule):
         names = [c.name for c in codes]
         if len(set(names)) != len(names):
             raise ValueError(f"AdversarialAutoencoder: code names must be unique, got {names}")
-        for name, value in (("lr", lr), ("lr_discriminator", lr_discriminator), ("lr_generator", lr_generator)):
+        for name, value in (("lr", lr), ("lr_discriminator", lr_discriminator), ("lr_generator", lr_generator), ("lr_supervised", lr_supervised)):
             if value <= 0:
                 raise ValueError(f"AdversarialAutoencoder: {name} must be > 0, got {value}")
         for name, value in (("discriminator_noise", discriminator_noise), ("input_noise", input_noise),
                             ("consistency_weight", consistency_weight), ("consistency_shift", consistency_shift)):
             if value < 0:
                 raise ValueError(f"AdversarialAutoencoder: {name} must be >= 0, got {value}")
-        categorical = [c.name for c in codes if c.prior.num_classes]
+        if not any(c.inferred for c in codes):
+            raise ValueError("AdversarialAutoencoder: at least one code must come from the encoder (source='encoder')")
+        for c in codes:
+            parts = c.prior.num_classes if not c.inferred else c.prior.num_parts if c.conditioned else num_classes
+            if parts != num_classes:
+                raise ValueError(
+                    f"AdversarialAutoencoder: code {c.name!r} ({'taken from the label' if not c.inferred else 'label-conditioned'}) "
+                    f"has a prior with {parts} parts but the data has {num_classes} classes: {c.prior!r}"
+                )
+        categorical = [c.name for c in codes if c.prior.num_classes and c.inferred]
         if cluster_code is not None and cluster_code not in categorical:
-            raise ValueError(f"AdversarialAutoencoder: cluster_code={cluster_code!r} is not one of the categorical codes {categorical}")
+            raise ValueError(f"AdversarialAutoencoder: cluster_code={cluster_code!r} is not one of the inferred categorical codes {categorical}")
+        if supervised_code is not None:
+            if supervised_code not in categorical:
+                raise ValueError(f"AdversarialAutoencoder: supervised_code={supervised_code!r} is not one of the inferred categorical codes {categorical}")
+            if next(c.dim for c in codes if c.name == supervised_code) != num_classes:
+                raise ValueError(f"AdversarialAutoencoder: supervised_code={supervised_code!r} must have one category per class ({num_classes})")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.codes = list(codes)
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
-        latent_dim = sum(c.dim for c in codes)
-        self.encoder = (encoder or MLPEncoder)(self.input_shape, latent_dim)
-        self.decoder = (decoder or MLPDecoder)(latent_dim, self.input_shape)
-        self.discriminators = nn.ModuleDict({c.name: Discriminator(c.dim, discriminator_hidden) for c in codes})
+        self.encoder = (encoder or MLPEncoder)(self.input_shape, sum(c.dim for c in codes if c.inferred))
+        self.decoder = (decoder or MLPDecoder)(sum(c.dim for c in codes), self.input_shape)
+        # a conditioned discriminator also sees the label: one-hot over the classes plus "unlabelled"
+        self.discriminators = nn.ModuleDict({
+            c.name: Discriminator(c.dim + (num_classes + 1 if c.conditioned else 0), discriminator_hidden)
+            for c in codes if c.inferred
+        })
         self.recon_loss = recon_loss
         self.lr, self.lr_discriminator, self.lr_generator = lr, lr_discriminator, lr_generator
         self.betas = tuple(betas)
@@ -111,15 +138,25 @@ class AdversarialAutoencoder(L.LightningModule):
         if consistency_weight > 0 and self.cluster_code is None:
             raise ValueError("AdversarialAutoencoder: consistency_weight needs a categorical code")
         self.consistency_weight, self.consistency_shift = consistency_weight, consistency_shift
+        self.supervised_code, self.lr_supervised = supervised_code, lr_supervised
         if self.cluster_code is not None:
             k = next(c.dim for c in codes if c.name == self.cluster_code)
             self.cluster_metrics = nn.ModuleDict({s: ClusterMetrics(k, num_classes, f"{s}/") for s in ("val", "test")})
+        if supervised_code is not None:
+            self.accuracy = nn.ModuleDict({s: MulticlassAccuracy(num_classes, average="micro") for s in ("val", "test")})
 
     # ---- the model ------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Image batch -> {code name: code}, each code in its prior's space."""
-        raw = self.encoder(x).split([c.dim for c in self.codes], dim=1)
-        return {c.name: c.prior.activate(r) for c, r in zip(self.codes, raw)}
+    def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Image batch -> {code name: code}, each code in its prior's space. Codes taken from the
+        label are included when ``labels`` are given (all known: no -1)."""
+        inferred = [c for c in self.codes if c.inferred]
+        raw = self.encoder(x).split([c.dim for c in inferred], dim=1)
+        codes = {c.name: c.prior.activate(r) for c, r in zip(inferred, raw)}
+        if labels is not None:
+            for c in self.codes:
+                if not c.inferred:
+                    codes[c.name] = F.one_hot(labels, c.dim).to(x.dtype)
+        return codes
 
     def decode_logits(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.decoder(torch.cat([codes[c.name] for c in self.codes], dim=1))
@@ -141,18 +178,30 @@ class AdversarialAutoencoder(L.LightningModule):
             return F.binary_cross_entropy_with_logits(logits, x)
         return F.mse_loss(logits, x)
 
-    def _discriminate(self, name: str, code: torch.Tensor) -> torch.Tensor:
+    def _discriminate(self, c: LatentCode, code: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.discriminator_noise > 0:
             code = code + torch.randn_like(code) * self.discriminator_noise
-        return self.discriminators[name](code)
+        if c.conditioned:
+            # -1 (unlabelled) becomes the extra last slot
+            slot = torch.where(labels >= 0, labels, self.num_classes)
+            code = torch.cat([code, F.one_hot(slot, self.num_classes + 1).to(code.dtype)], dim=1)
+        return self.discriminators[c.name](code)
 
-    def discriminator_loss(self, codes: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prior_sample(self, c: LatentCode, labels: torch.Tensor) -> torch.Tensor:
+        n, device = labels.shape[0], labels.device
+        if not c.conditioned:
+            return c.prior.sample(n, device=device)
+        # labelled rows are matched to their class's part of the prior, unlabelled ones to all of it
+        return torch.where((labels >= 0)[:, None], c.prior.sample(n, device, labels=labels.clamp(min=0)), c.prior.sample(n, device))
+
+    def discriminator_loss(self, codes: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum over codes of the real/fake BCE, and the mean accuracy of the discriminators."""
         losses, accuracies = [], []
         for c in self.codes:
-            fake = codes[c.name].detach()
-            real_logit = self._discriminate(c.name, c.prior.sample(fake.shape[0], device=fake.device))
-            fake_logit = self._discriminate(c.name, fake)
+            if not c.inferred:
+                continue
+            real_logit = self._discriminate(c, self._prior_sample(c, labels), labels)
+            fake_logit = self._discriminate(c, codes[c.name].detach(), labels)
             losses.append(
                 F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
                 + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
@@ -160,15 +209,21 @@ class AdversarialAutoencoder(L.LightningModule):
             accuracies.append(((real_logit > 0).float().mean() + (fake_logit < 0).float().mean()) / 2)
         return torch.stack(losses).sum(), torch.stack(accuracies).mean()
 
-    def generator_loss(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+    def generator_loss(self, codes: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         losses = []
         for c in self.codes:
-            logit = self._discriminate(c.name, codes[c.name])
+            if not c.inferred:
+                continue
+            logit = self._discriminate(c, codes[c.name], labels)
             losses.append(c.weight * F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit)))
             if c.balance_weight > 0:
                 marginal = codes[c.name].mean(0)
                 losses.append(c.balance_weight * (marginal * torch.log(marginal * c.dim + 1e-8)).sum())
         return torch.stack(losses).sum()
+
+    def supervised_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        q = self.encode(x)[self.supervised_code]
+        return F.nll_loss(torch.log(q + 1e-8), labels)
 
     def _shift(self, x: torch.Tensor) -> torch.Tensor:
         """Each image translated by its own random offset of up to ``consistency_shift`` pixels."""
@@ -218,32 +273,56 @@ class AdversarialAutoencoder(L.LightningModule):
     def _corrupt(self, x: torch.Tensor) -> torch.Tensor:
         return x + torch.randn_like(x) * self.input_noise if self.input_noise > 0 else x
 
+    def _split_batch(self, batch):
+        """(images, labels with -1 where unknown, labelled (images, labels) or None).
+
+        With ``num_labeled`` the DataModule sends {"all": ..., "labeled": ...}; otherwise the
+        batch's own labelled rows serve the supervised phase."""
+        if isinstance(batch, dict):
+            x, labels = batch["all"]
+            return x, labels, batch["labeled"]
+        x, labels = batch
+        if self.supervised_code is None:
+            return x, labels, None
+        known = labels >= 0
+        return x, labels, (x[known], labels[known])
+
     def training_step(self, batch, batch_idx):
-        x, _ = batch
-        opt_ae, opt_d, opt_g = self.optimizers()
+        x, labels, labeled = self._split_batch(batch)
+        opt_ae, opt_d, opt_g, *opt_supervised = self.optimizers()
         step = self.global_step
+        if any(not c.inferred for c in self.codes) and bool((labels < 0).any()):
+            raise ValueError("a code is taken from the label, but the batch has unlabelled images: unset num_labeled")
 
         with self._phase(opt_ae):
-            recon = self.reconstruction_loss(x, self.encode(self._corrupt(x)))
+            recon = self.reconstruction_loss(x, self.encode(self._corrupt(x), labels))
             self.manual_backward(recon)
 
         # One encoder pass serves both regularization steps: the discriminator sees it detached,
         # the generator backpropagates through the freshly updated discriminators into it.
         codes = self.encode(self._corrupt(x))
         with self._phase(opt_d):
-            d_loss, d_acc = self.discriminator_loss(codes)
+            d_loss, d_acc = self.discriminator_loss(codes, labels)
             self.manual_backward(d_loss)
         with self._phase(opt_g):
-            g_loss = self.generator_loss(codes)
+            g_loss = self.generator_loss(codes, labels)
             if self.consistency_weight > 0:
                 g_loss = g_loss + self.consistency_weight * self.consistency_loss(x, codes)
             self.manual_backward(g_loss)
-        self._check_finite({"reconstruction": recon, "discriminator": d_loss, "generator": g_loss}, batch_idx, step)
+        losses = {"reconstruction": recon, "discriminator": d_loss, "generator": g_loss}
+
+        if opt_supervised and labeled is not None and len(labeled[1]):
+            with self._phase(opt_supervised[0]):
+                losses["supervised"] = self.supervised_loss(self._corrupt(labeled[0]), labeled[1])
+                self.manual_backward(losses["supervised"])
+        self._check_finite(losses, batch_idx, step)
 
         self.log_dict(
             {"train/recon_loss": recon, "train/d_loss": d_loss, "train/g_loss": g_loss, "train/d_accuracy": d_acc},
             on_step=True, on_epoch=True, prog_bar=True,
         )
+        if "supervised" in losses:
+            self.log("train/supervised_loss", losses["supervised"], on_step=True, on_epoch=True)
 
     # The noise and prior draws come from torch's global generator: checkpoints keep its state so a
     # resumed run draws what the uninterrupted one would. It is put back when training starts, after
@@ -270,10 +349,12 @@ class AdversarialAutoencoder(L.LightningModule):
 
     def _shared_eval_step(self, batch, stage: str) -> dict[str, torch.Tensor]:
         x, labels = batch
-        codes = self.encode(x)
+        codes = self.encode(x, labels)
         self.log(f"{stage}/recon_loss", self.reconstruction_loss(x, codes), on_epoch=True, prog_bar=stage == "val", sync_dist=True)
         if self.cluster_code is not None:
             self.cluster_metrics[stage].update(codes[self.cluster_code], labels)
+        if self.supervised_code is not None:
+            self.accuracy[stage].update(codes[self.supervised_code], labels)
         return {"codes": codes, "labels": labels}
 
     def _log_cluster_metrics(self, stage: str) -> None:
@@ -281,6 +362,9 @@ class AdversarialAutoencoder(L.LightningModule):
             metrics = self.cluster_metrics[stage]
             self.log_dict(metrics.compute(), prog_bar=stage == "val")
             metrics.reset()
+        if self.supervised_code is not None:
+            self.log(f"{stage}/error", 1 - self.accuracy[stage].compute(), prog_bar=True)
+            self.accuracy[stage].reset()
 
     def on_validation_epoch_end(self):
         self._log_cluster_metrics("val")
@@ -296,7 +380,7 @@ class AdversarialAutoencoder(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         x, labels = batch
-        return {"codes": self.encode(x), "labels": labels}
+        return {"codes": self.encode(x, labels), "labels": labels}
 
     def configure_optimizers(self):
         encoder = list(self.encoder.parameters())
@@ -305,6 +389,8 @@ class AdversarialAutoencoder(L.LightningModule):
             torch.optim.Adam(self.discriminators.parameters(), lr=self.lr_discriminator, betas=self.betas),
             torch.optim.Adam(encoder, lr=self.lr_generator, betas=self.betas),
         ]
+        if self.supervised_code is not None:
+            optimizers.append(torch.optim.Adam(encoder, lr=self.lr_supervised, betas=self.betas))
         if not self.lr_milestones:
             return optimizers
         schedulers = [torch.optim.lr_scheduler.MultiStepLR(o, self.lr_milestones, self.lr_gamma) for o in optimizers]

@@ -25,6 +25,12 @@ class Prior:
         """Number of classes of a categorical code, ``None`` for continuous ones."""
         return None
 
+    @property
+    def num_parts(self) -> int | None:
+        """How many parts ``sample(labels=...)`` can pick from (one per class for a
+        label-conditioned code), ``None`` where labels cannot pick a part."""
+        return None
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
@@ -62,6 +68,10 @@ class GaussianMixturePrior(Prior):
         self.radial_std = radial_std
         self.tangential_std = tangential_std
 
+    @property
+    def num_parts(self) -> int:
+        return self.num_components
+
     def sample(self, n, device="cpu", labels=None):
         if labels is None:
             labels = torch.randint(self.num_components, (n,), device=device)
@@ -85,6 +95,10 @@ class SwissRollPrior(Prior):
         self.scale = scale
         self.noise = noise
 
+    @property
+    def num_parts(self) -> int:
+        return self.num_sections
+
     def sample(self, n, device="cpu", labels=None):
         u = torch.rand(n, device=device)
         if labels is not None:
@@ -106,6 +120,10 @@ class CategoricalPrior(Prior):
 
     @property
     def num_classes(self) -> int:
+        return self.dim
+
+    @property
+    def num_parts(self) -> int:
         return self.dim
 
     def sample(self, n, device="cpu", labels=None):

@@ -33,7 +33,8 @@ def test_balance_term_spreads_a_collapsed_batch():
     spread = {"y": torch.eye(4).repeat(2, 1) * 0.96 + 0.01, "z": torch.zeros(8, 2)}
     torch.manual_seed(0)
     with torch.no_grad():
-        assert model.generator_loss(collapsed) > model.generator_loss(spread) + 1.0
+        unlabelled = torch.full((8,), -1)
+        assert model.generator_loss(collapsed, unlabelled) > model.generator_loss(spread, unlabelled) + 1.0
 
 
 def test_balance_weight_needs_a_categorical_prior():
