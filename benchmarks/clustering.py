@@ -1,5 +1,6 @@
-"""Train a clustering config for an epoch or wall-clock budget and print, per epoch, the validation
-purity / Hungarian accuracy / NMI / ARI with the wall time; then the same on the test set.
+"""Train a clustering (or semi-supervised) config for an epoch or wall-clock budget and print, per
+epoch, the validation purity / Hungarian accuracy / NMI / ARI (and classification error) with the
+wall time; then the same on the test set.
 
     python benchmarks/clustering.py --config configs/clustering.yaml --data-dir DIR --minutes 15
     python benchmarks/clustering.py --config configs/clustering.yaml --data-dir DIR --epochs 30 \
@@ -16,7 +17,7 @@ import wandb
 
 from aae_lightning.cli import cli_main
 
-COLUMNS = ("purity", "purity_confident", "acc", "nmi", "ari", "clusters_used", "recon_loss")
+COLUMNS = ("purity", "purity_confident", "acc", "nmi", "ari", "clusters_used", "error", "recon_loss")
 
 
 class EpochReport(L.Callback):

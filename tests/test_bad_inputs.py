@@ -40,9 +40,9 @@ def codes_config(tmp_path: Path, *codes: dict) -> str:
     return str(path)
 
 
-def code(name, prior, **prior_args) -> dict:
+def code(name, prior, conditioned=False, **prior_args) -> dict:
     return {"class_path": "aae_lightning.LatentCode",
-            "init_args": {"name": name, "prior": {"class_path": f"aae_lightning.{prior}", "init_args": prior_args}}}
+            "init_args": {"name": name, "conditioned": conditioned, "prior": {"class_path": f"aae_lightning.{prior}", "init_args": prior_args}}}
 
 
 # ---- configs ------------------------------------------------------------------------------------
@@ -73,7 +73,10 @@ def test_missing_config_file(capsys):
     ((code("y", "CategoricalPrior", num_classes=1), code("z", "GaussianPrior", dim=5)), "num_classes must be >= 2, got 1"),
     ((code("y", "CategoricalPrior", num_classes=16), code("z", "GaussianPrior", dim=0)), "dim must be >= 1, got 0"),
     ((code("y", "CategoricalPrior", num_classes=16), code("y", "GaussianPrior", dim=5)), "code names must be unique"),
-], ids=["K<2", "latent-dim<1", "duplicate-code"])
+    ((code("z", "GaussianMixturePrior", conditioned=True, num_components=16),),
+     "code 'z' (label-conditioned) has a prior with 16 parts but the data has 10 classes"),
+    ((code("z", "GaussianPrior", conditioned=True, dim=2),), "conditioned=True needs a prior whose parts labels can pick"),
+], ids=["K<2", "latent-dim<1", "duplicate-code", "mixture-parts-vs-classes", "gaussian-cannot-be-conditioned"])
 def test_invalid_codes(codes, message, tmp_path, mnist_dir, capsys):
     code_, err = run_cli(["fit", "--config", CLUSTERING, "--config", codes_config(tmp_path, *codes),
                           f"--data.data_dir={mnist_dir}", *QUICK], capsys)
@@ -85,6 +88,8 @@ def test_invalid_codes(codes, message, tmp_path, mnist_dir, capsys):
     ("--model.lr_generator=-0.001", "lr_generator must be > 0"),
     ("--data.batch_size=0", "batch_size must be >= 1, got 0"),
     ("--data.val_size=100000", "val_size=100000 leaves no training data"),
+    ("--data.num_labeled=55", "num_labeled must be a positive multiple of the 10 classes"),
+    ("--data.num_labeled=1000", "num_labeled=1000 is larger than the training split (500 images)"),
 ])
 def test_invalid_values(arg, message, mnist_dir, capsys):
     code_, err = run_cli(["fit", "--config", BASIC, f"--data.data_dir={mnist_dir}", *QUICK, arg], capsys)
