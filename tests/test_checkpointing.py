@@ -40,7 +40,8 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_sigterm_saves_a_last_checkpoint_that_loads_safely(mnist_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_an_interrupt_saves_a_last_checkpoint_that_loads_safely(sig, mnist_dir, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "aae_lightning", "fit", "--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}",
          "--data.download=false", "--data.val_size=100", "--data.batch_size=1", "--trainer.max_epochs=100000",
@@ -53,7 +54,7 @@ def test_sigterm_saves_a_last_checkpoint_that_loads_safely(mnist_dir, tmp_path):
         (last,) = tmp_path.glob("runs/*/*/checkpoints/last.ckpt")
         time.sleep(3)  # into the second epoch: 500 batches of one image take longer than this
         step_before = torch.load(last, weights_only=True)["global_step"]
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         proc.wait(timeout=60)
     finally:
         proc.kill()
