@@ -54,8 +54,6 @@ class AdversarialAutoencoder(L.LightningModule):
             cluster code of a randomly shifted image agree with that of the image
             (KL(q(y|x) || q(y|shift(x))), the first held fixed). 0 turns it off.
         consistency_shift: the largest shift, in pixels, for ``consistency_weight``.
-        consistency_flip: also mirror half of the shifted images left-right, for data whose
-            classes do not change under a mirror (clothes, not digits).
         supervised_code: turns on the semi-supervised phase (paper sec. 5): after the
             regularization phase, cross-entropy between this categorical code's q(y|x) and the
             labels of a labelled batch (the DataModule's ``num_labeled`` images, or the labelled
@@ -85,7 +83,6 @@ class AdversarialAutoencoder(L.LightningModule):
         cluster_code: str | None = None,
         consistency_weight: float = 0.0,
         consistency_shift: int = 2,
-        consistency_flip: bool = False,
         supervised_code: str | None = None,
         lr_supervised: float = 1e-3,
     ):
@@ -105,9 +102,8 @@ class AdversarialAutoencoder(L.LightningModule):
         if not any(c.inferred for c in codes):
             raise ValueError("AdversarialAutoencoder: at least one code must come from the encoder (source='encoder')")
         for c in codes:
-            # a code taken from the label, or conditioned on it, needs one part of its prior per class
-            parts = c.prior.num_parts
-            if (c.conditioned or not c.inferred) and parts != num_classes:
+            parts = c.prior.num_classes if not c.inferred else c.prior.num_parts if c.conditioned else num_classes
+            if parts != num_classes:
                 raise ValueError(
                     f"AdversarialAutoencoder: code {c.name!r} ({'taken from the label' if not c.inferred else 'label-conditioned'}) "
                     f"has a prior with {parts} parts but the data has {num_classes} classes: {c.prior!r}"
@@ -142,7 +138,6 @@ class AdversarialAutoencoder(L.LightningModule):
         if consistency_weight > 0 and self.cluster_code is None:
             raise ValueError("AdversarialAutoencoder: consistency_weight needs a categorical code")
         self.consistency_weight, self.consistency_shift = consistency_weight, consistency_shift
-        self.consistency_flip = consistency_flip
         self.supervised_code, self.lr_supervised = supervised_code, lr_supervised
         if self.cluster_code is not None:
             k = next(c.dim for c in codes if c.name == self.cluster_code)
@@ -231,14 +226,11 @@ class AdversarialAutoencoder(L.LightningModule):
         return F.nll_loss(torch.log(q + 1e-8), labels)
 
     def _shift(self, x: torch.Tensor) -> torch.Tensor:
-        """Each image translated by its own random offset of up to ``consistency_shift`` pixels
-        (and, with ``consistency_flip``, mirrored with probability 1/2)."""
+        """Each image translated by its own random offset of up to ``consistency_shift`` pixels."""
         n, _, h, w = x.shape
         offsets = torch.randint(-self.consistency_shift, self.consistency_shift + 1, (n, 2), device=x.device).float()
         theta = torch.zeros(n, 2, 3, device=x.device)
         theta[:, 0, 0] = theta[:, 1, 1] = 1
-        if self.consistency_flip:
-            theta[:, 0, 0] = torch.randint(0, 2, (n,), device=x.device).float() * 2 - 1
         theta[:, 0, 2], theta[:, 1, 2] = offsets[:, 0] * 2 / w, offsets[:, 1] * 2 / h
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
