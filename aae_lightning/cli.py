@@ -52,7 +52,7 @@ class AAECLI(LightningCLI):
                 return
             if found is None:
                 raise CheckpointError(f"{self.subcommand}: --ckpt_path last found no last.ckpt from an earlier run")
-            print(f"resume: {found}")
+            print(f"{self.subcommand}: --ckpt_path last is {found}")
             ckpt_path = config.ckpt_path = str(found)
         checkpoint = load_checkpoint(ckpt_path)
         check_matches(checkpoint, self.model, ckpt_path)
