@@ -3,7 +3,9 @@ load safely (no pickled code runs, a checkpoint of another config is named as su
 
 import os
 import pickle
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -37,7 +39,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class InterruptCheckpoint(L.Callback):
     """On Ctrl-C or SIGTERM (preemption), saves ``last.ckpt`` beside the other checkpoints so
     ``--ckpt_path last`` resumes from there. Other failures, a NaN loss among them, save nothing:
-    the last good checkpoint stays as it was."""
+    the last good checkpoint stays as it was.
+
+    Ctrl-C takes effect at the end of the current batch, as Lightning does for SIGTERM: a
+    KeyboardInterrupt raised anywhere (inside a W&B call or a checkpoint write) can leave them
+    half done and hang the shutdown. A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self):
+        self._interrupted = False
+        self._previous_handler = None
+
+    def _on_sigint(self, signum, frame):
+        self._interrupted = True
+        signal.signal(signal.SIGINT, self._previous_handler)
+
+    def on_train_start(self, trainer, pl_module):
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _stop_if_interrupted(self):
+        if self._interrupted:
+            self._interrupted = False
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._stop_if_interrupted()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._stop_if_interrupted()
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
 
     def on_exception(self, trainer, pl_module, exception):
         callback = trainer.checkpoint_callback

@@ -42,11 +42,13 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path, 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_an_interrupt_saves_a_last_checkpoint_that_loads_safely(sig, mnist_dir, tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aae_lightning", "fit", "--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}",
-         "--data.download=false", "--data.val_size=100", "--data.batch_size=1", "--trainer.max_epochs=100000",
-         "--trainer.enable_progress_bar=false"],
-        cwd=tmp_path, env=own_wandb_service(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr to a file, not a pipe: an unread pipe fills up and blocks the child's shutdown
+    with (tmp_path / "stderr.txt").open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aae_lightning", "fit", "--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}",
+             "--data.download=false", "--data.val_size=100", "--data.batch_size=1", "--trainer.max_epochs=100000",
+             "--trainer.enable_progress_bar=false"],
+            cwd=tmp_path, env=own_wandb_service(), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob("runs/*/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
@@ -122,8 +124,9 @@ def test_sigkill_then_resume_continues_exactly_where_the_checkpoint_left_off(mni
     reference = torch.load(reference_ckpt, weights_only=True)
     wandb.teardown()  # its service resolves relative paths against the directory it started in
 
-    proc = subprocess.Popen([sys.executable, "-m", "aae_lightning", *args, "--config", str(_override_config(killed_dir / "ckpt.yaml", probe=False))],
-                            cwd=killed_dir, env=own_wandb_service(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with (killed_dir / "stderr.txt").open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "aae_lightning", *args, "--config", str(_override_config(killed_dir / "ckpt.yaml", probe=False))],
+                                cwd=killed_dir, env=own_wandb_service(), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.monotonic() + 180
         step = 0
@@ -138,7 +141,7 @@ def test_sigkill_then_resume_continues_exactly_where_the_checkpoint_left_off(mni
         proc.wait(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"the run was not killed mid-epoch (last step seen {step}): {proc.stderr.read()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed mid-epoch (last step seen {step}): {(killed_dir / 'stderr.txt').read_text()[-2000:]}"
     (last,) = killed_dir.glob("runs/*/*/checkpoints/last.ckpt")
     killed = torch.load(last, weights_only=True)
     assert killed["global_step"] % steps_per_epoch, "expected a checkpoint from the middle of an epoch"
