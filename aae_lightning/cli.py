@@ -34,12 +34,12 @@ class AAECLI(LightningCLI):
         # file here with one line instead of a traceback from torch.load
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path != "last":
-            load_checkpoint(ckpt_path)
+        self._checkpoint = load_checkpoint(ckpt_path) if ckpt_path and ckpt_path != "last" else None
 
     def _prepare_checkpoint(self) -> None:
         """Resolves ``--ckpt_path`` (``last``: the newest last.ckpt of earlier runs), checks the file
-        before Lightning touches it, and for ``fit`` continues the W&B run it came from."""
+        against the model before Lightning restores it, and for ``fit`` continues the W&B run it
+        came from."""
         config = self.config_init[self.subcommand]
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is None:
@@ -54,10 +54,10 @@ class AAECLI(LightningCLI):
                 raise CheckpointError(f"{self.subcommand}: --ckpt_path last found no last.ckpt from an earlier run")
             print(f"{self.subcommand}: --ckpt_path last is {found}")
             ckpt_path = config.ckpt_path = str(found)
-        checkpoint = load_checkpoint(ckpt_path)
-        check_matches(checkpoint, self.model, ckpt_path)
+            self._checkpoint = load_checkpoint(found)
+        check_matches(self._checkpoint, self.model, ckpt_path)
         if self.subcommand == "fit":
-            continue_wandb_run(self.trainer.loggers, checkpoint_wandb_run_id(checkpoint))
+            continue_wandb_run(self.trainer.loggers, checkpoint_wandb_run_id(self._checkpoint))
 
     before_fit = before_validate = before_test = before_predict = _prepare_checkpoint
 
