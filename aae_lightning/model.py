@@ -357,7 +357,7 @@ class AdversarialAutoencoder(L.LightningModule):
             self.accuracy[stage].update(codes[self.supervised_code], labels)
         return {"codes": codes, "labels": labels}
 
-    def _log_cluster_metrics(self, stage: str) -> None:
+    def _log_epoch_metrics(self, stage: str) -> None:
         if self.cluster_code is not None:
             metrics = self.cluster_metrics[stage]
             self.log_dict(metrics.compute(), prog_bar=stage == "val")
@@ -367,10 +367,10 @@ class AdversarialAutoencoder(L.LightningModule):
             self.accuracy[stage].reset()
 
     def on_validation_epoch_end(self):
-        self._log_cluster_metrics("val")
+        self._log_epoch_metrics("val")
 
     def on_test_epoch_end(self):
-        self._log_cluster_metrics("test")
+        self._log_epoch_metrics("test")
 
     def validation_step(self, batch, batch_idx):
         return self._shared_eval_step(batch, "val")
