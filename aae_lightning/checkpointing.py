@@ -41,7 +41,7 @@ class InterruptCheckpoint(L.Callback):
     ``--ckpt_path last`` resumes from there. Other failures, a NaN loss among them, save nothing:
     the last good checkpoint stays as it was.
 
-    Ctrl-C takes effect at the end of the current batch, as Lightning does for SIGTERM: a
+    Ctrl-C takes effect at the end of the current training batch, as Lightning does for SIGTERM: a
     KeyboardInterrupt raised anywhere (inside a W&B call or a checkpoint write) can leave them
     half done and hang the shutdown. A second Ctrl-C interrupts at once.
     """
@@ -58,16 +58,10 @@ class InterruptCheckpoint(L.Callback):
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
-    def _stop_if_interrupted(self):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._interrupted:
             self._interrupted = False
             raise KeyboardInterrupt
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._stop_if_interrupted()
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._stop_if_interrupted()
 
     def teardown(self, trainer, pl_module, stage):
         if self._previous_handler is not None:

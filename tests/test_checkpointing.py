@@ -62,7 +62,10 @@ def test_an_interrupt_saves_a_last_checkpoint_that_loads_safely(sig, mnist_dir, 
         proc.kill()
     checkpoint = torch.load(last, weights_only=True)  # no pickled objects: loads without executing code
     assert checkpoint["global_step"] > step_before, "the interrupt saved no newer checkpoint"
-    assert checkpoint["global_step"] % (3 * 500), "expected a checkpoint from the middle of an epoch"
+    # saved at a batch boundary (three optimizer steps each); whether mid-epoch depends on when the
+    # signal lands (during the epoch-end validation it is the boundary), so that is not asserted here:
+    # the SIGKILL test covers resuming from the middle of an epoch
+    assert checkpoint["global_step"] % 3 == 0
     assert len(checkpoint["optimizer_states"]) == 3
     assert not list(last.parent.glob(".*.tmp"))
 
