@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from conftest import CONFIGS
-from test_checkpointing import own_wandb_service
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "clustering.py"
 
@@ -17,7 +16,7 @@ def test_clustering_benchmark_trains_once_per_seed_and_summarises_the_test_figur
         [sys.executable, str(SCRIPT), "--config", str(CONFIGS / "clustering_fashion.yaml"), "--data-dir", str(fashion_dir),
          "--epochs", "1", "--seeds", "0", "1", "--", "--trainer.callbacks=[]", "--trainer.logger=false",
          "--trainer.enable_checkpointing=false", "--data.val_size=100"],
-        cwd=tmp_path, env=own_wandb_service(), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
