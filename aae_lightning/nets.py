@@ -10,12 +10,15 @@ from collections.abc import Sequence
 from torch import nn
 
 
-def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
-    """Linear layers of the given sizes with ReLU between them (none after the last)."""
+def mlp(sizes: Sequence[int], dropout: float = 0.0, batch_norm: bool = False) -> nn.Sequential:
+    """Linear layers of the given sizes with ReLU between them (none after the last), optionally
+    batch-normalised before each ReLU."""
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(n_out))
             layers.append(nn.ReLU())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
@@ -23,10 +26,15 @@ def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
 
 
 class MLPEncoder(nn.Sequential):
-    """Flattened image -> raw code vector. The paper uses two hidden layers of 1000 ReLU units."""
+    """Flattened image -> raw code vector. The paper uses two hidden layers of 1000 ReLU units.
 
-    def __init__(self, input_shape: Sequence[int], out_dim: int, hidden: Sequence[int] = (1000, 1000), dropout: float = 0.0):
-        super().__init__(nn.Flatten(), mlp([math.prod(input_shape), *hidden, out_dim], dropout))
+    ``batch_norm`` (beyond the paper) normalises each hidden layer over the batch; the clustering
+    configs turn it on (README: with/without).
+    """
+
+    def __init__(self, input_shape: Sequence[int], out_dim: int, hidden: Sequence[int] = (1000, 1000), dropout: float = 0.0,
+                 batch_norm: bool = False):
+        super().__init__(nn.Flatten(), mlp([math.prod(input_shape), *hidden, out_dim], dropout, batch_norm))
 
 
 class MLPDecoder(nn.Module):

@@ -127,3 +127,15 @@ def test_non_finite_loss_stops_training_naming_the_phase_and_step():
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(NonFiniteLossError, match=r"reconstruction loss is nan at batch 3 of epoch 0 \(global step 9\)"):
         trainer.fit(model, TensorBatches((x, y), 50, shuffle=False))
+
+
+def test_batch_norm_encoder_depends_on_the_batch_in_training_only():
+    torch.manual_seed(0)
+    encoder = MLPEncoder((1, 28, 28), 7, hidden=(32, 32), batch_norm=True)
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in encoder.modules()) == 2
+    image, others = torch.rand(1, 1, 28, 28), torch.rand(2, 15, 1, 28, 28)
+    first = [encoder(torch.cat([image, o]))[0] for o in others]
+    assert not torch.allclose(*first)
+    encoder.eval()
+    first = [encoder(torch.cat([image, o]))[0] for o in others]
+    assert torch.allclose(*first)
