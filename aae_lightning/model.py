@@ -289,6 +289,9 @@ class AdversarialAutoencoder(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, labels, labeled = self._split_batch(batch)
+        if len(x) < 2 and any(isinstance(m, nn.BatchNorm1d) for m in self.encoder.modules()):
+            raise ValueError(f"the encoder batch-normalises its hidden layers, which needs training batches of 2 or more "
+                             f"images; got a batch of {len(x)} (raise data.batch_size or set batch_norm: false)")
         opt_ae, opt_d, opt_g, *opt_supervised = self.optimizers()
         step = self.global_step
         if any(not c.inferred for c in self.codes) and bool((labels < 0).any()):

@@ -96,6 +96,12 @@ def test_invalid_values(arg, message, mnist_dir, capsys):
     assert code_ == 2 and message in error_line(err)
 
 
+def test_batch_of_one_with_a_batch_normalised_encoder(mnist_dir, capsys):
+    code_, err = run_cli(["fit", "--config", CLUSTERING, f"--data.data_dir={mnist_dir}", *QUICK, "--data.batch_size=1",
+                          "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"], capsys)
+    assert code_ == 2 and "needs training batches of 2 or more images; got a batch of 1" in error_line(err)
+
+
 # ---- data ---------------------------------------------------------------------------------------
 def test_missing_data_files_say_where_to_put_them(tmp_path, capsys):
     code_, err = run_cli(["fit", "--config", BASIC, f"--data.data_dir={tmp_path / 'empty'}", *QUICK], capsys)
