@@ -6,13 +6,17 @@ from aae_lightning.codes import LatentCode
 from aae_lightning.data import FashionMNISTDataModule, ImageDataModule, MNISTDataModule, SVHNDataModule
 from aae_lightning.likelihood import ParzenLikelihood
 from aae_lightning.model import AdversarialAutoencoder
+from aae_lightning.perturbations import RandomAffine, RandomShift, VirtualAdversarial
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
+from aae_lightning.terms import Balance, Consistency, MutualInformation, TrainingTerm
 
 __all__ = [
     "AdversarialAutoencoder",
     "AtomicCheckpointIO",
+    "Balance",
     "CategoricalPrior",
     "ClusterGrid",
+    "Consistency",
     "FashionMNISTDataModule",
     "GaussianMixturePrior",
     "GaussianPrior",
@@ -21,10 +25,15 @@ __all__ = [
     "LatentCode",
     "LatentPlot",
     "MNISTDataModule",
+    "MutualInformation",
     "ParzenLikelihood",
     "Prior",
     "PriorSamples",
+    "RandomAffine",
+    "RandomShift",
     "StyleGrid",
     "SVHNDataModule",
     "SwissRollPrior",
+    "TrainingTerm",
+    "VirtualAdversarial",
 ]

@@ -12,9 +12,6 @@ class LatentCode:
         name: key of the code in ``model.encode(x)`` and in logged metrics (``y``, ``z``, ...).
         prior: the distribution the aggregated posterior of this code is matched to.
         weight: scale of this code's adversarial loss in the generator phase.
-        balance_weight: opt-in, beyond the paper, categorical codes only: in the generator phase,
-            also minimise KL(batch mean of q(y|x) || uniform). It counters the early collapse onto
-            a few categories that the adversarial loss alone escapes only slowly.
         source: ``encoder`` (the encoder infers the code, a discriminator regularizes it) or
             ``label``: the one-hot label itself goes to the decoder, nothing is inferred or
             regularized (the supervised AAE of paper sec. 4, where the encoder learns only style).
@@ -22,25 +19,21 @@ class LatentCode:
             slot, and real samples come from the label's part of the prior (paper sec. 2.3, Fig. 4).
     """
 
-    def __init__(self, name: str, prior: Prior, weight: float = 1.0, balance_weight: float = 0.0,
-                 source: Literal["encoder", "label"] = "encoder", conditioned: bool = False):
+    def __init__(self, name: str, prior: Prior, weight: float = 1.0, source: Literal["encoder", "label"] = "encoder", conditioned: bool = False):
         if not name.isidentifier():
             raise ValueError(f"LatentCode: name must be an identifier such as 'y' or 'z', got {name!r}")
         if weight < 0:
             raise ValueError(f"LatentCode {name!r}: weight must be >= 0, got {weight}")
-        if balance_weight < 0 or (balance_weight > 0 and not prior.num_classes):
-            raise ValueError(f"LatentCode {name!r}: balance_weight must be >= 0 and needs a categorical prior, got {balance_weight} with {prior!r}")
         if source not in ("encoder", "label"):
             raise ValueError(f"LatentCode {name!r}: source must be 'encoder' or 'label', got {source!r}")
-        if source == "label" and (not prior.num_classes or conditioned or balance_weight):
-            raise ValueError(f"LatentCode {name!r}: a code taken from the label needs a categorical prior and no conditioning or balance term")
+        if source == "label" and (not prior.num_classes or conditioned):
+            raise ValueError(f"LatentCode {name!r}: a code taken from the label needs a categorical prior and no conditioning")
         if conditioned and prior.num_parts is None:
             raise ValueError(f"LatentCode {name!r}: conditioned=True needs a prior whose parts labels can pick "
                              f"(mixture, swiss roll, categorical), got {prior!r}")
         self.name = name
         self.prior = prior
         self.weight = weight
-        self.balance_weight = balance_weight
         self.source = source
         self.conditioned = conditioned
 
@@ -54,5 +47,5 @@ class LatentCode:
         return self.source == "encoder"
 
     def __repr__(self) -> str:
-        return (f"LatentCode(name={self.name!r}, prior={self.prior!r}, weight={self.weight}, balance_weight={self.balance_weight}, "
+        return (f"LatentCode(name={self.name!r}, prior={self.prior!r}, weight={self.weight}, "
                 f"source={self.source!r}, conditioned={self.conditioned})")

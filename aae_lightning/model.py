@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from aae_lightning.codes import LatentCode
 from aae_lightning.metrics import ClusterMetrics
 from aae_lightning.nets import Discriminator, MLPDecoder, MLPEncoder
+from aae_lightning.terms import TrainingTerm
 
 EncoderFactory = Callable[[Sequence[int], int], nn.Module]
 DecoderFactory = Callable[[int, Sequence[int]], nn.Module]
@@ -50,10 +51,9 @@ class AdversarialAutoencoder(L.LightningModule):
             denoising autoencoder; the paper uses 0.3 for its semi-supervised MNIST model).
         cluster_code: the categorical code scored against the labels with purity, Hungarian
             accuracy, NMI and ARI; default the first code with a categorical prior.
-        consistency_weight: opt-in, beyond the paper: in the generator phase, also make the
-            cluster code of a randomly shifted image agree with that of the image
-            (KL(q(y|x) || q(y|shift(x))), the first held fixed). 0 turns it off.
-        consistency_shift: the largest shift, in pixels, for ``consistency_weight``.
+        terms: opt-in, beyond the paper: extra losses added to the generator phase, each a
+            :class:`~aae_lightning.terms.TrainingTerm` with its weight (balance, mutual
+            information, consistency under a perturbation). None: the paper's method.
         supervised_code: turns on the semi-supervised phase (paper sec. 5): after the
             regularization phase, cross-entropy between this categorical code's q(y|x) and the
             labels of a labelled batch (the DataModule's ``num_labeled`` images, or the labelled
@@ -81,8 +81,7 @@ class AdversarialAutoencoder(L.LightningModule):
         discriminator_noise: float = 0.0,
         input_noise: float = 0.0,
         cluster_code: str | None = None,
-        consistency_weight: float = 0.0,
-        consistency_shift: int = 2,
+        terms: Sequence[TrainingTerm] = (),
         supervised_code: str | None = None,
         lr_supervised: float = 1e-3,
     ):
@@ -95,8 +94,7 @@ class AdversarialAutoencoder(L.LightningModule):
         for name, value in (("lr", lr), ("lr_discriminator", lr_discriminator), ("lr_generator", lr_generator), ("lr_supervised", lr_supervised)):
             if value <= 0:
                 raise ValueError(f"AdversarialAutoencoder: {name} must be > 0, got {value}")
-        for name, value in (("discriminator_noise", discriminator_noise), ("input_noise", input_noise),
-                            ("consistency_weight", consistency_weight), ("consistency_shift", consistency_shift)):
+        for name, value in (("discriminator_noise", discriminator_noise), ("input_noise", input_noise)):
             if value < 0:
                 raise ValueError(f"AdversarialAutoencoder: {name} must be >= 0, got {value}")
         if not any(c.inferred for c in codes):
@@ -135,9 +133,11 @@ class AdversarialAutoencoder(L.LightningModule):
         self.discriminator_noise = discriminator_noise
         self.input_noise = input_noise
         self.cluster_code = cluster_code or (categorical[0] if categorical else None)
-        if consistency_weight > 0 and self.cluster_code is None:
-            raise ValueError("AdversarialAutoencoder: consistency_weight needs a categorical code")
-        self.consistency_weight, self.consistency_shift = consistency_weight, consistency_shift
+        self.terms = list(terms)
+        for term in self.terms:
+            term.code = term.code or self.cluster_code
+            if term.code not in categorical:
+                raise ValueError(f"AdversarialAutoencoder: {term!r} needs one of the inferred categorical codes {categorical}")
         self.supervised_code, self.lr_supervised = supervised_code, lr_supervised
         if self.cluster_code is not None:
             k = next(c.dim for c in codes if c.name == self.cluster_code)
@@ -216,29 +216,19 @@ class AdversarialAutoencoder(L.LightningModule):
                 continue
             logit = self._discriminate(c, codes[c.name], labels)
             losses.append(c.weight * F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit)))
-            if c.balance_weight > 0:
-                marginal = codes[c.name].mean(0)
-                losses.append(c.balance_weight * (marginal * torch.log(marginal * c.dim + 1e-8)).sum())
         return torch.stack(losses).sum()
+
+    def term_losses(self, x: torch.Tensor, codes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each extra term's unweighted loss, by a name unique among the terms."""
+        losses = {}
+        for term in self.terms:
+            name = term.name if term.name not in losses else f"{term.name}_{len(losses)}"
+            losses[name] = term.loss(self, x, codes)
+        return losses
 
     def supervised_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         q = self.encode(x)[self.supervised_code]
         return F.nll_loss(torch.log(q + 1e-8), labels)
-
-    def _shift(self, x: torch.Tensor) -> torch.Tensor:
-        """Each image translated by its own random offset of up to ``consistency_shift`` pixels."""
-        n, _, h, w = x.shape
-        offsets = torch.randint(-self.consistency_shift, self.consistency_shift + 1, (n, 2), device=x.device).float()
-        theta = torch.zeros(n, 2, 3, device=x.device)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1
-        theta[:, 0, 2], theta[:, 1, 2] = offsets[:, 0] * 2 / w, offsets[:, 1] * 2 / h
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-    def consistency_loss(self, x: torch.Tensor, codes: dict[str, torch.Tensor]) -> torch.Tensor:
-        target = codes[self.cluster_code].detach()
-        shifted = self.encode(self._shift(x))[self.cluster_code]
-        return F.kl_div(torch.log(shifted + 1e-8), target, reduction="batchmean")
 
     # ---- training -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -309,8 +299,9 @@ class AdversarialAutoencoder(L.LightningModule):
             self.manual_backward(d_loss)
         with self._phase(opt_g):
             g_loss = self.generator_loss(codes, labels)
-            if self.consistency_weight > 0:
-                g_loss = g_loss + self.consistency_weight * self.consistency_loss(x, codes)
+            term_losses = self.term_losses(x, codes)
+            for term, value in zip(self.terms, term_losses.values()):
+                g_loss = g_loss + term.weight * value
             self.manual_backward(g_loss)
         losses = {"reconstruction": recon, "discriminator": d_loss, "generator": g_loss}
 
@@ -326,6 +317,8 @@ class AdversarialAutoencoder(L.LightningModule):
         )
         if "supervised" in losses:
             self.log("train/supervised_loss", losses["supervised"], on_step=True, on_epoch=True)
+        if term_losses:
+            self.log_dict({f"train/{name}": value for name, value in term_losses.items()}, on_step=True, on_epoch=True)
 
     # The noise and prior draws come from torch's global generator: checkpoints keep its state so a
     # resumed run draws what the uninterrupted one would. It is put back when training starts, after

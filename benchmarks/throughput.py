@@ -143,7 +143,7 @@ def time_ours(data_dir: str, batch_size: int, steps: int, warmup: int) -> float:
     cli = cli_main(["--config", str(CONFIG), "--data=aae_lightning.FashionMNISTDataModule",
                     f"--data.data_dir={data_dir}", "--data.download=false", f"--data.batch_size={batch_size}",
                     f"--model.init_args.codes={CODES}", "--model.init_args.discriminator_noise=0",
-                    "--model.init_args.input_noise=0", "--model.init_args.consistency_weight=0",
+                    "--model.init_args.input_noise=0", "--model.init_args.terms=[]",
                     "--model.init_args.encoder.init_args.batch_norm=false",
                     f"--trainer.max_steps={3 * (steps + warmup)}", "--trainer.limit_val_batches=0",
                     "--trainer.num_sanity_val_steps=0", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",

@@ -1,0 +1,112 @@
+"""Perturbations of an image batch that should not change its class: what a consistency term is
+invariant to. Each is called as ``perturbation(x, predict)``, where ``predict`` maps images to
+the code's class probabilities (only the virtual adversarial one uses it)."""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Perturbation:
+    def __call__(self, x: torch.Tensor, predict: Predict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+class RandomShift(Perturbation):
+    """Each image translated by its own whole-pixel offset of up to ``max_shift`` pixels."""
+
+    def __init__(self, max_shift: int = 2):
+        if max_shift < 1:
+            raise ValueError(f"RandomShift: max_shift must be >= 1, got {max_shift}")
+        self.max_shift = max_shift
+
+    def __call__(self, x, predict=None):
+        n, _, h, w = x.shape
+        offsets = torch.randint(-self.max_shift, self.max_shift + 1, (n, 2), device=x.device).to(x.dtype)
+        theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, 0, 2], theta[:, 1, 2] = offsets[:, 0] * 2 / w, offsets[:, 1] * 2 / h
+        return _warp(x, theta, "nearest")
+
+
+class RandomAffine(Perturbation):
+    """Each image rotated by up to ``degrees``, scaled by a factor in ``scale``, sheared by up to
+    ``shear`` degrees and shifted by up to ``max_shift`` pixels, all drawn per image (bilinear).
+
+    On the GPU or CPU in one batched ``grid_sample``: torchvision's ``RandomAffine`` draws one map
+    per call, so per-image maps would cost a Python loop per batch.
+    """
+
+    def __init__(self, degrees: float = 15.0, scale: tuple[float, float] = (0.9, 1.1), shear: float = 0.0, max_shift: float = 3.0):
+        if degrees < 0 or shear < 0 or max_shift < 0 or not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"RandomAffine: degrees, shear and max_shift must be >= 0 and 0 < scale[0] <= scale[1], "
+                             f"got degrees={degrees}, shear={shear}, max_shift={max_shift}, scale={scale}")
+        self.degrees, self.scale, self.shear, self.max_shift = degrees, tuple(scale), shear, max_shift
+
+    def __call__(self, x, predict=None):
+        n, _, h, w = x.shape
+
+        def uniform(low, high):
+            return torch.empty(n, device=x.device, dtype=x.dtype).uniform_(low, high)
+
+        angle = uniform(-self.degrees, self.degrees) * (math.pi / 180)
+        shear = uniform(-self.shear, self.shear) * (math.pi / 180)
+        # grid_sample maps output to input coordinates, so the inverse scale enlarges the digit
+        inverse_scale = 1 / uniform(*self.scale)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+        theta[:, 0, 0], theta[:, 0, 1] = cos * inverse_scale, (-sin + torch.tan(shear) * cos) * inverse_scale
+        theta[:, 1, 0], theta[:, 1, 1] = sin * inverse_scale, cos * inverse_scale
+        theta[:, 0, 2] = uniform(-self.max_shift, self.max_shift) * 2 / w
+        theta[:, 1, 2] = uniform(-self.max_shift, self.max_shift) * 2 / h
+        return _warp(x, theta, "bilinear")
+
+
+class VirtualAdversarial(Perturbation):
+    """The direction that changes ``predict`` most (Miyato et al.'s VAT, one power iteration),
+    scaled to an L2 radius: ``radius`` itself, or with ``neighbour`` = k, ``radius`` times each
+    image's distance to its k-th nearest neighbour in the batch (IMSAT's per-example radius).
+    ``xi``: the length of the probe step; much smaller and float32 loses the curvature."""
+
+    def __init__(self, radius: float = 0.25, neighbour: int | None = 10, xi: float = 0.1):
+        if radius <= 0 or xi <= 0 or (neighbour is not None and neighbour < 1):
+            raise ValueError(f"VirtualAdversarial: radius and xi must be > 0 and neighbour >= 1 (or null), "
+                             f"got radius={radius}, xi={xi}, neighbour={neighbour}")
+        self.radius, self.neighbour, self.xi = radius, neighbour, xi
+
+    def radii(self, x: torch.Tensor) -> torch.Tensor:
+        if self.neighbour is None:
+            return torch.full((len(x),), self.radius, device=x.device, dtype=x.dtype)
+        if self.neighbour >= len(x):
+            raise ValueError(f"VirtualAdversarial: neighbour={self.neighbour} needs batches of more than {self.neighbour} images, got {len(x)}")
+        distances = torch.cdist(x.flatten(1), x.flatten(1))
+        # column 0 of the sorted row is the image itself
+        return self.radius * distances.sort(dim=1).values[:, self.neighbour]
+
+    def __call__(self, x, predict):
+        x = x.detach()
+        with torch.no_grad():
+            target = predict(x)
+        d = _unit(torch.randn_like(x)) * self.xi
+        d.requires_grad_(True)
+        with torch.enable_grad():
+            divergence = F.kl_div(torch.log(predict(x + d) + 1e-8), target, reduction="batchmean")
+            (grad,) = torch.autograd.grad(divergence, d)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return x + _unit(grad) * self.radii(x).view(shape)
+
+
+def _unit(d: torch.Tensor) -> torch.Tensor:
+    return d / d.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *([1] * (d.dim() - 1)))

@@ -1,0 +1,116 @@
+"""Training terms and perturbations against hand-checked cases."""
+
+import math
+
+import pytest
+import torch
+
+from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Consistency, GaussianPrior, LatentCode,
+                           MutualInformation, RandomAffine, RandomShift, VirtualAdversarial)
+
+
+def model_with(*terms, k=4):
+    return AdversarialAutoencoder([LatentCode("y", CategoricalPrior(k)), LatentCode("z", GaussianPrior(2))],
+                                  terms=list(terms), discriminator_hidden=(8,))
+
+
+def square_batch(n=16):
+    x = torch.zeros(n, 1, 28, 28)
+    x[:, :, 10:18, 10:18] = 1.0
+    return x
+
+
+def test_balance_term_spreads_a_collapsed_batch():
+    term = Balance(code="y")
+    collapsed = {"y": torch.tensor([[0.97, 0.01, 0.01, 0.01]] * 8)}
+    spread = {"y": torch.eye(4).repeat(2, 1) * 0.96 + 0.01}
+    assert term.loss(None, None, collapsed) > term.loss(None, None, spread) + 1.0
+    assert term.loss(None, None, {"y": torch.full((8, 4), 0.25)}).abs() < 1e-6  # uncertain but balanced: no cost
+
+
+def test_mutual_information_term_is_minimal_for_confident_balanced_assignments():
+    term = MutualInformation(code="y")
+    k = 4
+    confident_balanced = {"y": torch.eye(k).repeat(3, 1)}
+    assert term.loss(None, None, confident_balanced).abs() < 1e-5  # log K - I(x; y) = 0
+    uncertain = {"y": torch.full((12, k), 1 / k)}
+    collapsed = {"y": torch.eye(k)[[0] * 12]}
+    half = {"y": (torch.eye(k).repeat(3, 1) + 1 / k) / 2}
+    for worse in (uncertain, collapsed):
+        assert term.loss(None, None, worse) == pytest.approx(math.log(k), abs=1e-5)
+    assert 0.1 < term.loss(None, None, half) < math.log(k)
+    # the conditional half weighs confidence; without it, balance alone
+    assert MutualInformation(code="y", conditional_weight=0).loss(None, None, uncertain).abs() < 1e-6
+
+
+def test_consistency_term_is_zero_for_an_invariant_code_and_positive_otherwise():
+    torch.manual_seed(0)
+    term = Consistency(RandomShift(3))
+    model = model_with(term)
+    assert term.code == "y"  # the model's cluster code by default
+    x = square_batch()
+    assert term.loss(model, x, model.encode(x)) > 0
+    with torch.no_grad():  # an encoder whose y ignores the image
+        model.encoder[-1][-1].weight.zero_()
+        model.encoder[-1][-1].bias.zero_()
+    assert term.loss(model, x, model.encode(x)).abs() < 1e-6
+
+
+def test_terms_need_a_categorical_code():
+    with pytest.raises(ValueError, match="needs one of the inferred categorical codes"):
+        AdversarialAutoencoder([LatentCode("z", GaussianPrior(2))], terms=[Balance()], discriminator_hidden=(8,))
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        Balance(weight=-1)
+
+
+def test_random_shift_moves_whole_pixels_and_keeps_the_mass():
+    torch.manual_seed(0)
+    x = square_batch()
+    shifted = RandomShift(3)(x)
+    assert not torch.equal(shifted, x) and torch.allclose(shifted.sum((1, 2, 3)), x.sum((1, 2, 3)))
+    assert set(shifted.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_random_affine_is_the_identity_at_zero_range_and_rotates_otherwise():
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28)
+    x[:, :, :4], x[:, :, -4:], x[:, :, :, :4], x[:, :, :, -4:] = 0, 0, 0, 0
+    assert torch.allclose(RandomAffine(degrees=0, scale=(1, 1), max_shift=0)(x), x, atol=1e-5)
+    bar = torch.zeros(1, 1, 28, 28)
+    bar[:, :, 4:24, 13:15] = 1.0  # a vertical bar
+    turned = RandomAffine(degrees=90, scale=(1, 1), max_shift=0)(bar.repeat(200, 1, 1, 1))
+    # mass is kept inside the frame, and some rotations lay the bar nearly flat
+    assert torch.allclose(turned.sum((1, 2, 3)), bar.sum().expand(200), rtol=0.1)
+    row_extent = (turned.sum(dim=3) > 0.5).sum(dim=(1, 2))
+    assert row_extent.min() < 6 < 18 < row_extent.max()
+    enlarged = RandomAffine(degrees=0, scale=(1.3, 1.3), max_shift=0)(bar)
+    assert enlarged.sum() > 1.2 * bar.sum()
+
+
+@pytest.mark.parametrize("neighbour", [None, 3])
+def test_virtual_adversarial_perturbation_has_the_radius_asked(neighbour):
+    torch.manual_seed(0)
+    model = model_with()
+    x = torch.rand(12, 1, 28, 28)
+    perturbation = VirtualAdversarial(radius=0.5, neighbour=neighbour)
+
+    def predict(images):
+        return model.encode(images)["y"]
+
+    moved = perturbation(x, predict)
+    norms = (moved - x).flatten(1).norm(dim=1)
+    if neighbour is None:
+        expected = torch.full((12,), 0.5)
+    else:
+        distances = torch.cdist(x.flatten(1), x.flatten(1))
+        expected = 0.5 * torch.stack([row[row > 0].sort().values[neighbour - 1] for row in distances])
+    assert torch.allclose(norms, expected, rtol=1e-4)
+    # the adversarial direction changes the prediction more than a random one of the same length
+    random = x + (moved - x).flatten(1).norm(dim=1).view(-1, 1, 1, 1) * torch.nn.functional.normalize(torch.randn_like(x).flatten(1)).view_as(x)
+    with torch.no_grad():
+        clean = predict(x)
+
+        def divergence(images):
+            return torch.nn.functional.kl_div(torch.log(predict(images)), clean, reduction="batchmean")
+
+        assert divergence(moved) > divergence(random)
