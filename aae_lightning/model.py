@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from aae_lightning.codes import LatentCode
 from aae_lightning.metrics import ClusterMetrics
 from aae_lightning.nets import Discriminator, MLPDecoder, MLPEncoder
+from aae_lightning.perturbations import Perturbation
 from aae_lightning.terms import TrainingTerm
 
 EncoderFactory = Callable[[Sequence[int], int], nn.Module]
@@ -61,6 +62,9 @@ class AdversarialAutoencoder(L.LightningModule):
         lr_supervised: learning rate of that phase. It has its own Adam over the encoder, a
             fourth optimizer that exists only with the phase: sharing the generator's would mix
             the moment estimates of two different losses.
+        supervised_perturbation: opt-in, beyond the paper: the labelled images of that phase
+            are perturbed afresh at every step (e.g. :class:`~aae_lightning.RandomAffine`), so
+            a hundred labels stand for many more images.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class AdversarialAutoencoder(L.LightningModule):
         terms: Sequence[TrainingTerm] = (),
         supervised_code: str | None = None,
         lr_supervised: float = 1e-3,
+        supervised_perturbation: Perturbation | None = None,
     ):
         super().__init__()
         if not codes:
@@ -139,6 +144,7 @@ class AdversarialAutoencoder(L.LightningModule):
             if term.code not in categorical:
                 raise ValueError(f"AdversarialAutoencoder: {term!r} needs one of the inferred categorical codes {categorical}")
         self.supervised_code, self.lr_supervised = supervised_code, lr_supervised
+        self.supervised_perturbation = supervised_perturbation
         if self.cluster_code is not None:
             k = next(c.dim for c in codes if c.name == self.cluster_code)
             self.cluster_metrics = nn.ModuleDict({s: ClusterMetrics(k, num_classes, f"{s}/") for s in ("val", "test")})
@@ -307,7 +313,10 @@ class AdversarialAutoencoder(L.LightningModule):
 
         if opt_supervised and labeled is not None and len(labeled[1]):
             with self._phase(opt_supervised[0]):
-                losses["supervised"] = self.supervised_loss(self._corrupt(labeled[0]), labeled[1])
+                images = labeled[0]
+                if self.supervised_perturbation is not None:
+                    images = self.supervised_perturbation(images, lambda v: self.encode(v)[self.supervised_code])
+                losses["supervised"] = self.supervised_loss(self._corrupt(images), labeled[1])
                 self.manual_backward(losses["supervised"])
         self._check_finite(losses, batch_idx, step)
 

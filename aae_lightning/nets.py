@@ -50,7 +50,8 @@ class MLPDecoder(nn.Module):
 
 
 class ConvEncoder(nn.Sequential):
-    """Strided-conv encoder for 32x32 colour images (SVHN), where MLPs waste capacity on pixels."""
+    """Strided-conv encoder (stride 2, batch-normalised) for 28x28 digits and 32x32 colour images
+    (SVHN), where MLPs waste capacity on pixels and tie a code to where a stroke lies."""
 
     def __init__(self, input_shape: Sequence[int], out_dim: int, channels: Sequence[int] = (64, 128, 256), hidden: int = 1000):
         c, h, w = input_shape

@@ -4,6 +4,12 @@ wall time; then the same on the test set. With several ``--seeds`` it trains onc
 with the mean and standard deviation of the test figures: on Fashion-MNIST two seeds of one config
 can differ by several points of accuracy, more than most settings change it.
 
+``--datasets`` runs named real datasets one after the other in the same command (each with the
+DataModule and split it needs): ``mnist-sample`` (../shared/data/mnist-sample, 2,000 training and
+500 validation digits) and ``fashion-mnist`` (Debian's dataset-fashion-mnist), and ends with one
+summary line per dataset.
+
+    python benchmarks/clustering.py --config configs/clustering.yaml --datasets mnist-sample fashion-mnist --minutes 15 --seeds 0 1 2
     python benchmarks/clustering.py --config configs/clustering.yaml --data-dir DIR --minutes 15
     python benchmarks/clustering.py --config configs/clustering.yaml --data-dir DIR --epochs 30 \
         -- --data=aae_lightning.FashionMNISTDataModule --model.init_args.discriminator_noise=0.1
@@ -15,12 +21,19 @@ Everything after ``--`` goes to the CLI unchanged.
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import lightning as L
 import wandb
 
 from aae_lightning.cli import cli_main
 
+DATASETS = {
+    "mnist-sample": ["--data=aae_lightning.MNISTDataModule",
+                     f"--data.data_dir={Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'mnist-sample'}",
+                     "--data.val_size=500"],
+    "fashion-mnist": ["--data=aae_lightning.FashionMNISTDataModule", "--data.data_dir=/usr/share/datasets/fashion-mnist"],
+}
 COLUMNS = ("purity", "purity_confident", "acc", "nmi", "ari", "clusters_used", "error", "recon_loss")
 
 
@@ -39,7 +52,9 @@ class EpochReport(L.Callback):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--data-dir", required=True)
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data-dir", help="the config's DataModule reads its files from here")
+    data.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), help="named real datasets, run one after the other")
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--epochs", type=int)
     budget.add_argument("--minutes", type=float)
@@ -47,28 +62,34 @@ def main():
     parser.add_argument("cli_args", nargs="*", help="extra CLI arguments, after --")
     opts = parser.parse_args()
 
-    args = ["--config", opts.config, f"--data.data_dir={opts.data_dir}", "--data.download=false",
+    args = ["--config", opts.config, "--data.download=false",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     if opts.epochs:
         args.append(f"--trainer.max_epochs={opts.epochs}")
     else:
         seconds = round(opts.minutes * 60)
         args += ["--trainer.max_epochs=-1", f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"]
-    results = []
-    for seed in opts.seeds or [None]:
-        if seed is not None:
-            print(f"seed {seed}", flush=True)
-        cli = cli_main(args + opts.cli_args + ([f"--seed_everything={seed}"] if seed is not None else []), run=False)
-        cli.trainer.callbacks.append(EpochReport())
-        cli.trainer.fit(cli.model, cli.datamodule)
-        (test,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
-        print("test " + " ".join(f"{c}={test[f'test/{c}']:.4f}" for c in COLUMNS if f"test/{c}" in test), flush=True)
-        wandb.finish()
-        results.append(test)
-    if len(results) > 1:
-        summary = (f"{c}={statistics.mean(r[f'test/{c}'] for r in results):.4f}+-{statistics.stdev(r[f'test/{c}'] for r in results):.4f}"
-                   for c in COLUMNS if f"test/{c}" in results[0])
-        print(f"test over {len(results)} seeds " + " ".join(summary), flush=True)
+    datasets = {name: DATASETS[name] for name in opts.datasets} if opts.datasets else {opts.data_dir: [f"--data.data_dir={opts.data_dir}"]}
+    summaries = []
+    for dataset, data_args in datasets.items():
+        results = []
+        for seed in opts.seeds or [None]:
+            header = f"{dataset} " * bool(opts.datasets) + (f"seed {seed}" if seed is not None else "")
+            if header:
+                print(header.strip(), flush=True)
+            cli = cli_main(args + data_args + opts.cli_args + ([f"--seed_everything={seed}"] if seed is not None else []), run=False)
+            cli.trainer.callbacks.append(EpochReport())
+            cli.trainer.fit(cli.model, cli.datamodule)
+            (test,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
+            print("test " + " ".join(f"{c}={test[f'test/{c}']:.4f}" for c in COLUMNS if f"test/{c}" in test), flush=True)
+            wandb.finish()
+            results.append(test)
+        if len(results) > 1:
+            summary = " ".join(f"{c}={statistics.mean(r[f'test/{c}'] for r in results):.4f}+-{statistics.stdev(r[f'test/{c}'] for r in results):.4f}"
+                               for c in COLUMNS if f"test/{c}" in results[0])
+            summaries.append(f"test over {len(results)} seeds " + f"{dataset} " * bool(opts.datasets) + summary)
+    for line in summaries:
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
