@@ -6,7 +6,7 @@ from aae_lightning.codes import LatentCode
 from aae_lightning.data import FashionMNISTDataModule, ImageDataModule, MNISTDataModule, SVHNDataModule
 from aae_lightning.likelihood import ParzenLikelihood
 from aae_lightning.model import AdversarialAutoencoder
-from aae_lightning.perturbations import Compose, RandomAffine, RandomShift, RandomStrokeWidth, VirtualAdversarial
+from aae_lightning.perturbations import RandomAffine, RandomShift, VirtualAdversarial
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
 from aae_lightning.terms import Balance, Consistency, MutualInformation, TrainingTerm
 
@@ -16,7 +16,6 @@ __all__ = [
     "Balance",
     "CategoricalPrior",
     "ClusterGrid",
-    "Compose",
     "Consistency",
     "FashionMNISTDataModule",
     "GaussianMixturePrior",
@@ -32,7 +31,6 @@ __all__ = [
     "PriorSamples",
     "RandomAffine",
     "RandomShift",
-    "RandomStrokeWidth",
     "StyleGrid",
     "SVHNDataModule",
     "SwissRollPrior",

@@ -74,38 +74,6 @@ class RandomAffine(Perturbation):
         return _warp(x, theta, "bilinear")
 
 
-class RandomStrokeWidth(Perturbation):
-    """Strokes thickened or thinned per image: a blend of the image with its grey-scale dilation
-    (3x3 max) by a factor up to ``thicken``, or with its erosion by up to ``thin``. The width of a
-    pen stroke is style, not class, and no affine map changes it."""
-
-    def __init__(self, thicken: float = 1.0, thin: float = 0.5):
-        if not (0 <= thicken <= 1 and 0 <= thin <= 1):
-            raise ValueError(f"RandomStrokeWidth: thicken and thin must be in [0, 1], got thicken={thicken}, thin={thin}")
-        self.thicken, self.thin = thicken, thin
-
-    def __call__(self, x, predict=None):
-        dilated = F.max_pool2d(x, 3, stride=1, padding=1)
-        eroded = -F.max_pool2d(-x, 3, stride=1, padding=1)
-        shape = (len(x),) + (1,) * (x.dim() - 1)
-        amount = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(-self.thin, self.thicken)
-        return torch.where(amount > 0, x + amount * (dilated - x), x - amount * (eroded - x))
-
-
-class Compose(Perturbation):
-    """The given perturbations applied one after the other (e.g. an affine map, then stroke width)."""
-
-    def __init__(self, perturbations: list[Perturbation]):
-        if not perturbations:
-            raise ValueError("Compose: give at least one perturbation")
-        self.perturbations = list(perturbations)
-
-    def __call__(self, x, predict=None):
-        for perturbation in self.perturbations:
-            x = perturbation(x, predict)
-        return x
-
-
 class VirtualAdversarial(Perturbation):
     """The direction that changes ``predict`` most (Miyato et al.'s VAT, one power iteration),
     scaled to an L2 radius: ``radius`` itself, or with ``neighbour`` = k, ``radius`` times each

@@ -14,16 +14,18 @@ import wandb
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def structured_images(n: int, num_classes: int = 10, size: int = 28, channels: int = 1, seed: int = 0, template_seed: int = 1234):
+def structured_images(n: int, num_classes: int = 10, size: int = 28, channels: int = 1, seed: int = 0, template_seed: int = 1234,
+                      max_shift: int = 1):
     """``num_classes`` distinct blob templates (fixed by ``template_seed``, shared by all splits),
-    each image a shifted noisy copy of one: data with an obvious cluster structure, as uint8
+    each image a copy of one shifted by up to ``max_shift`` pixels, with noise: data with an obvious
+    cluster structure (with large shifts, one that pixel distances hide), as uint8
     (n, size, size, channels) and labels (n,)."""
     coarse = torch.rand(num_classes, channels, 7, 7, generator=torch.Generator().manual_seed(template_seed))
     gen = torch.Generator().manual_seed(seed)
     templates = (F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) > 0.55).float()
     labels = torch.arange(n) % num_classes
     images = templates[labels]
-    shifts = torch.randint(-1, 2, (n, 2), generator=gen)
+    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=gen)
     images = torch.stack([torch.roll(img, tuple(s.tolist()), dims=(1, 2)) for img, s in zip(images, shifts)])
     images = (images * 0.8 + 0.1 + 0.1 * torch.randn(images.shape, generator=gen)).clamp(0, 1)
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), labels.numpy().astype(np.uint8)
@@ -37,10 +39,10 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
     return path
 
 
-def write_idx_dataset(folder: Path, n_train: int = 600, n_test: int = 200, compress: bool = True, seed: int = 0) -> Path:
+def write_idx_dataset(folder: Path, n_train: int = 600, n_test: int = 200, compress: bool = True, seed: int = 0, max_shift: int = 1) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for prefix, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
-        images, labels = structured_images(n, seed=s)
+        images, labels = structured_images(n, seed=s, max_shift=max_shift)
         write_idx(folder / f"{prefix}-images-idx3-ubyte", images[..., 0], compress)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, compress)
     return folder

@@ -8,7 +8,8 @@ import lightning as L
 import pytest
 import torch
 
-from aae_lightning import AdversarialAutoencoder, GaussianMixturePrior, LatentCode, MNISTDataModule
+from aae_lightning import (AdversarialAutoencoder, CategoricalPrior, GaussianMixturePrior, GaussianPrior, LatentCode, MNISTDataModule,
+                           RandomAffine)
 from aae_lightning.cli import cli_main
 from aae_lightning.data import TensorBatches
 from aae_lightning.likelihood import parzen_log_likelihood
@@ -129,3 +130,24 @@ def test_parzen_likelihood_is_logged_by_test(mnist_dir, offline_wandb, capsys):
               "--trainer.callbacks.num_samples=500"])
     out = capsys.readouterr().out
     assert "test/parzen_ll" in out and "test/parzen_sigma" in out
+
+
+def test_supervised_perturbation_is_applied_to_the_labelled_batch_only(mnist_dir):
+    class CountingAffine(RandomAffine):
+        def __init__(self):
+            super().__init__()
+            self.batch_sizes = []
+
+        def __call__(self, x, predict=None):
+            self.batch_sizes.append(len(x))
+            return super().__call__(x, predict)
+
+    perturbation = CountingAffine()
+    model = AdversarialAutoencoder([LatentCode("y", CategoricalPrior(10)), LatentCode("z", GaussianPrior(2))], supervised_code="y",
+                                   supervised_perturbation=perturbation, encoder=partial(MLPEncoder, hidden=(64,)),
+                                   decoder=partial(MLPDecoder, hidden=(64,)), discriminator_hidden=(16,))
+    data = MNISTDataModule(mnist_dir, download=False, val_size=100, batch_size=100, num_labeled=50)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data)
+    assert perturbation.batch_sizes == [50, 50, 50]  # once per step, on the 50 labelled images, never on the others
