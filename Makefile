@@ -7,9 +7,12 @@ export WANDB_SILENT ?= true
 
 .PHONY: help install test test-slow train bench-clustering bench-throughput sweep clean
 
-# bench-clustering settings: make bench-clustering CONFIG=... DATA_DIR=... MINUTES=15 ARGS='...'
-CONFIG ?= configs/clustering_fashion.yaml
+# bench-clustering settings: make bench-clustering CONFIG=... DATASETS='mnist-sample fashion-mnist' (or DATA_DIR=...)
+#   MINUTES=15 SEEDS='0 1 2' ARGS='...'
+CONFIG ?= configs/clustering.yaml
+DATASETS ?= mnist-sample fashion-mnist
 DATA_DIR ?=
+SEEDS ?=
 MINUTES ?= 15
 ARGS ?=
 SWEEP ?= sweeps/clustering.yaml
@@ -35,8 +38,9 @@ test-slow: $(STAMP)  ## run the slow checks as well
 train: $(STAMP)  ## the main job: clustering on MNIST (DATA_DIR=... to point at the files)
 	$(PY) -m aae_lightning fit --config configs/clustering.yaml $(if $(DATA_DIR),--data.data_dir=$(DATA_DIR))
 
-bench-clustering: $(STAMP)  ## purity/acc/NMI/ARI per epoch against wall time (CONFIG, DATA_DIR, MINUTES, ARGS)
-	$(PY) benchmarks/clustering.py --config $(CONFIG) --data-dir $(or $(DATA_DIR),/usr/share/datasets/fashion-mnist) --minutes $(MINUTES) $(if $(ARGS),-- $(ARGS))
+bench-clustering: $(STAMP)  ## purity/acc/NMI/ARI per epoch against wall time (CONFIG, DATASETS or DATA_DIR, MINUTES, SEEDS, ARGS)
+	$(PY) benchmarks/clustering.py --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR),--datasets $(DATASETS)) \
+		--minutes $(MINUTES) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(ARGS),-- $(ARGS))
 
 bench-throughput: $(STAMP)  ## samples/s of our fit path vs plain PyTorch loops, and GFLOP/s vs torch.mm
 	$(PY) benchmarks/throughput.py --data-dir $(or $(DATA_DIR),/usr/share/datasets/fashion-mnist)

@@ -54,7 +54,7 @@ class AdversarialAutoencoder(L.LightningModule):
             accuracy, NMI and ARI; default the first code with a categorical prior.
         terms: opt-in, beyond the paper: extra losses added to the generator phase, each a
             :class:`~aae_lightning.terms.TrainingTerm` with its weight (balance, mutual
-            information, consistency under a perturbation). None: the paper's method.
+            information, consistency under a perturbation). Empty: the paper's method.
         supervised_code: turns on the semi-supervised phase (paper sec. 5): after the
             regularization phase, cross-entropy between this categorical code's q(y|x) and the
             labels of a labelled batch (the DataModule's ``num_labeled`` images, or the labelled

@@ -12,6 +12,8 @@ Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Perturbation:
+    """A random (or adversarial) change of an image batch, drawn afresh at every call."""
+
     def __call__(self, x: torch.Tensor, predict: Predict) -> torch.Tensor:
         raise NotImplementedError
 

@@ -20,6 +20,7 @@ Everything after ``--`` goes to the CLI unchanged.
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,8 @@ DATASETS = {
                      "--data.val_size=500"],
     "fashion-mnist": ["--data=aae_lightning.FashionMNISTDataModule", "--data.data_dir=/usr/share/datasets/fashion-mnist"],
 }
+WHERE = {"mnist-sample": "it comes with the project's shared/ folder beside the checkout",
+         "fashion-mnist": "install it with: apt-get install dataset-fashion-mnist"}
 COLUMNS = ("purity", "purity_confident", "acc", "nmi", "ari", "clusters_used", "error", "recon_loss")
 
 
@@ -70,6 +73,10 @@ def main():
         seconds = round(opts.minutes * 60)
         args += ["--trainer.max_epochs=-1", f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"]
     datasets = {name: DATASETS[name] for name in opts.datasets} if opts.datasets else {opts.data_dir: [f"--data.data_dir={opts.data_dir}"]}
+    for name in opts.datasets or []:
+        folder = Path(DATASETS[name][1].split("=", 1)[1])
+        if not folder.is_dir():
+            sys.exit(f"error: {name}: {folder} is missing ({WHERE[name]})")
     summaries = []
     for dataset, data_args in datasets.items():
         results = []

@@ -1,4 +1,4 @@
-"""The clustering benchmark script, run as users run it, on tiny IDX files."""
+"""The clustering benchmark script, run as users run it, on tiny IDX files and on the real MNIST sample."""
 
 import re
 import statistics
@@ -6,20 +6,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import CONFIGS
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "clustering.py"
 
 
-def test_clustering_benchmark_trains_once_per_seed_and_summarises_the_test_figures(fashion_dir, tmp_path):
+def run_benchmark(config: str, data: list[str], cli_args: list[str], cwd: Path) -> list[str]:
+    """Two seeds of one epoch each, without figures or checkpoints; the printed lines."""
     out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(CONFIGS / "clustering_fashion.yaml"), "--data-dir", str(fashion_dir),
-         "--epochs", "1", "--seeds", "0", "1", "--", "--trainer.callbacks=[]", "--trainer.logger=false",
-         "--trainer.enable_checkpointing=false", "--data.val_size=100"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [sys.executable, str(SCRIPT), "--config", str(CONFIGS / config), *data, "--epochs", "1", "--seeds", "0", "1", "--",
+         "--trainer.callbacks=[]", "--trainer.logger=false", "--trainer.enable_checkpointing=false", *cli_args],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
+    return out.stdout.splitlines()
+
+
+def test_clustering_benchmark_trains_once_per_seed_and_summarises_the_test_figures(fashion_dir, tmp_path):
+    lines = run_benchmark("clustering_fashion.yaml", ["--data-dir", str(fashion_dir)], ["--data.val_size=100"], tmp_path)
     assert [line for line in lines if line.startswith("seed ")] == ["seed 0", "seed 1"]
     tests = [dict(re.findall(r"(\w+)=([\d.]+)", line)) for line in lines if line.startswith("test purity")]
     assert len(tests) == 2
@@ -30,3 +36,14 @@ def test_clustering_benchmark_trains_once_per_seed_and_summarises_the_test_figur
     accs = [float(t["acc"]) for t in tests]
     assert abs(acc_mean - statistics.mean(accs)) < 1e-3
     assert abs(acc_std - statistics.stdev(accs)) < 1e-3
+
+
+MNIST_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-sample"
+
+
+@pytest.mark.skipif(not MNIST_SAMPLE.is_dir(), reason="the real MNIST sample comes with shared/ beside the checkout")
+def test_clustering_benchmark_runs_a_named_real_dataset(tmp_path):
+    lines = run_benchmark("clustering.yaml", ["--datasets", "mnist-sample"], ["--trainer.limit_train_batches=3"], tmp_path)
+    assert [line for line in lines if line.startswith("mnist-sample seed")] == ["mnist-sample seed 0", "mnist-sample seed 1"]
+    (summary,) = [line for line in lines if line.startswith("test over 2 seeds mnist-sample ")]
+    assert "purity=" in summary and "nmi=" in summary
