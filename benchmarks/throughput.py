@@ -144,7 +144,7 @@ def time_ours(data_dir: str, batch_size: int, steps: int, warmup: int) -> float:
                     f"--data.data_dir={data_dir}", "--data.download=false", f"--data.batch_size={batch_size}",
                     f"--model.init_args.codes={CODES}", "--model.init_args.discriminator_noise=0",
                     "--model.init_args.input_noise=0", "--model.init_args.terms=[]",
-                    "--model.init_args.encoder.init_args.batch_norm=false",
+                    "--model.init_args.encoder=aae_lightning.nets.MLPEncoder",
                     f"--trainer.max_steps={3 * (steps + warmup)}", "--trainer.limit_val_batches=0",
                     "--trainer.num_sanity_val_steps=0", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"], run=False)
