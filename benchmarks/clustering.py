@@ -29,14 +29,13 @@ import wandb
 
 from aae_lightning.cli import cli_main
 
+# name: (DataModule, folder, its other CLI arguments, how to get the folder where it is missing)
 DATASETS = {
-    "mnist-sample": ["--data=aae_lightning.MNISTDataModule",
-                     f"--data.data_dir={Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'mnist-sample'}",
-                     "--data.val_size=500"],
-    "fashion-mnist": ["--data=aae_lightning.FashionMNISTDataModule", "--data.data_dir=/usr/share/datasets/fashion-mnist"],
+    "mnist-sample": ("aae_lightning.MNISTDataModule", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-sample",
+                     ["--data.val_size=500"], "it comes with the project's shared/ folder beside the checkout"),
+    "fashion-mnist": ("aae_lightning.FashionMNISTDataModule", Path("/usr/share/datasets/fashion-mnist"), [],
+                      "install it with: apt-get install dataset-fashion-mnist"),
 }
-WHERE = {"mnist-sample": "it comes with the project's shared/ folder beside the checkout",
-         "fashion-mnist": "install it with: apt-get install dataset-fashion-mnist"}
 COLUMNS = ("purity", "purity_confident", "acc", "nmi", "ari", "clusters_used", "error", "recon_loss")
 
 
@@ -72,11 +71,13 @@ def main():
     else:
         seconds = round(opts.minutes * 60)
         args += ["--trainer.max_epochs=-1", f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"]
-    datasets = {name: DATASETS[name] for name in opts.datasets} if opts.datasets else {opts.data_dir: [f"--data.data_dir={opts.data_dir}"]}
+    datasets = {opts.data_dir: [f"--data.data_dir={opts.data_dir}"]} if opts.data_dir else {}
     for name in opts.datasets or []:
-        folder = Path(DATASETS[name][1].split("=", 1)[1])
+        datamodule, folder, extra, where = DATASETS[name]
         if not folder.is_dir():
-            sys.exit(f"error: {name}: {folder} is missing ({WHERE[name]})")
+            print(f"error: {name}: {folder} is missing ({where})", file=sys.stderr)
+            sys.exit(2)
+        datasets[name] = [f"--data={datamodule}", f"--data.data_dir={folder}", *extra]
     summaries = []
     for dataset, data_args in datasets.items():
         results = []
