@@ -3,11 +3,13 @@
 from aae_lightning.callbacks import ClusterGrid, LatentPlot, PriorSamples, StyleGrid
 from aae_lightning.checkpointing import AtomicCheckpointIO, InterruptCheckpoint
 from aae_lightning.codes import LatentCode
-from aae_lightning.data import FashionMNISTDataModule, ImageDataModule, MNISTDataModule, SVHNDataModule
+from aae_lightning.data import FashionMNISTDataModule, ImageDataModule, ImageFolderDataModule, MNISTDataModule, SVHNDataModule
 from aae_lightning.likelihood import ParzenLikelihood
 from aae_lightning.model import AdversarialAutoencoder
 from aae_lightning.perturbations import RandomAffine, RandomShift, VirtualAdversarial
+from aae_lightning.predictions import PredictionWriter
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
+from aae_lightning.runs import RunSummary
 from aae_lightning.terms import Balance, Consistency, MutualInformation, TrainingTerm
 
 __all__ = [
@@ -21,16 +23,19 @@ __all__ = [
     "GaussianMixturePrior",
     "GaussianPrior",
     "ImageDataModule",
+    "ImageFolderDataModule",
     "InterruptCheckpoint",
     "LatentCode",
     "LatentPlot",
     "MNISTDataModule",
     "MutualInformation",
     "ParzenLikelihood",
+    "PredictionWriter",
     "Prior",
     "PriorSamples",
     "RandomAffine",
     "RandomShift",
+    "RunSummary",
     "StyleGrid",
     "SVHNDataModule",
     "SwissRollPrior",

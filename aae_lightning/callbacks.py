@@ -1,42 +1,27 @@
-"""Figures of the latent space logged to W&B: latent scatter plots, cluster grids, prior samples.
+"""Figures of the latent space during training (latent scatter plots, cluster grids, prior samples),
+logged to W&B and written as PNG files (drawn by :mod:`aae_lightning.figures`).
 
 They run on rank zero only, every ``every_n_epochs`` validation epochs (the first one included),
 and read what the validation steps already returned instead of encoding the data again.
 """
 
-import io
-
 import lightning as L
-import matplotlib
-import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
-from torchvision.transforms.functional import to_pil_image
-from torchvision.utils import make_grid
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from aae_lightning.figures import cluster_grid, cluster_sizes, latent_scatter, prior_samples, save_images, style_content_grid
+from aae_lightning.runs import run_directory
 
 
-def figure_to_image(fig) -> Image.Image:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
-
-
-def grid_image(images: torch.Tensor, nrow: int) -> Image.Image:
-    # as a PIL image: wandb 0.31 casts float tensors to uint8 without scaling [0, 1] up
-    return to_pil_image(make_grid(images, nrow=nrow, padding=2, pad_value=0.5))
-
-
-def log_images(trainer: L.Trainer, images: dict[str, list]) -> None:
+def log_images(trainer: L.Trainer, images: dict[str, Image.Image]) -> None:
+    """To W&B where a W&B logger is, and always as ``figures/<name>_epoch<N>.png`` under the run's
+    directory, so an offline run can be looked at with any image viewer."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            for key, value in images.items():
-                logger.log_image(key=key, images=value, step=trainer.global_step)
+            for key, image in images.items():
+                logger.log_image(key=key, images=[image], step=trainer.global_step)
+    save_images(images, run_directory(trainer) / "figures", suffix=f"_epoch{trainer.current_epoch:04d}")
 
 
 def draws_this_epoch(trainer: L.Trainer, every_n_epochs: int) -> bool:
@@ -79,7 +64,7 @@ class _ValidationFigures(L.Callback):
             self._collected = []
             log_images(trainer, self.draw(pl_module, outputs))
 
-    def draw(self, pl_module, outputs: dict[str, torch.Tensor]) -> dict[str, list]:
+    def draw(self, pl_module, outputs: dict[str, torch.Tensor]) -> dict[str, Image.Image]:
         raise NotImplementedError
 
 
@@ -97,28 +82,7 @@ class LatentPlot(_ValidationFigures):
         self.code = code
 
     def draw(self, pl_module, outputs):
-        name = self.code or next((c.name for c in pl_module.codes if not c.prior.num_classes), None)
-        images = {}
-        if name is not None:
-            z = outputs[f"code/{name}"]
-            if z.shape[1] > 2:
-                z = z - z.mean(0)
-                _, _, v = torch.pca_lowrank(z, q=2, center=False)
-                z = z @ v
-            fig, ax = plt.subplots(figsize=(6, 6))
-            points = ax.scatter(z[:, 0], z[:, 1], c=outputs["labels"], cmap="tab10", s=3, alpha=0.7)
-            ax.legend(*points.legend_elements(), title="label", loc="upper right", fontsize="small")
-            ax.set_title(f"code {name}" + (" (first two principal components)" if outputs[f"code/{name}"].shape[1] > 2 else ""))
-            images[f"latent/{name}"] = [figure_to_image(fig)]
-        if pl_module.cluster_code is not None:
-            probs = outputs[f"code/{pl_module.cluster_code}"]
-            sizes = torch.bincount(probs.argmax(1), minlength=probs.shape[1])
-            fig, ax = plt.subplots(figsize=(6, 3))
-            ax.bar(np.arange(len(sizes)), sizes.numpy())
-            ax.set_xlabel("cluster")
-            ax.set_ylabel("validation examples")
-            images["latent/cluster_sizes"] = [figure_to_image(fig)]
-        return images
+        return {**latent_scatter(pl_module, outputs, self.code), **cluster_sizes(pl_module, outputs)}
 
 
 class ClusterGrid(_ValidationFigures):
@@ -133,23 +97,7 @@ class ClusterGrid(_ValidationFigures):
         self.images_per_cluster = images_per_cluster
 
     def draw(self, pl_module, outputs):
-        if pl_module.cluster_code is None:
-            return {}
-        probs, x = outputs[f"code/{pl_module.cluster_code}"], outputs["x"]
-        k = probs.shape[1]
-        with torch.no_grad():
-            codes = {c.name: torch.zeros(k, c.dim, device=pl_module.device) for c in pl_module.codes}
-            codes[pl_module.cluster_code] = torch.eye(k, device=pl_module.device)
-            heads = pl_module.decode(codes).cpu().clamp(0, 1)
-        assigned, confidence = probs.argmax(1), probs.max(1).values
-        blank = torch.zeros_like(x[0])
-        rows = []
-        for cluster in range(k):
-            members = (assigned == cluster).nonzero().squeeze(1)
-            best = members[confidence[members].argsort(descending=True)[: self.images_per_cluster]]
-            row = [heads[cluster], *x[best]] + [blank] * (self.images_per_cluster - len(best))
-            rows.extend(row)
-        return {"clusters/grid": [grid_image(torch.stack(rows), nrow=self.images_per_cluster + 1)]}
+        return cluster_grid(pl_module, outputs, self.images_per_cluster)
 
 
 class PriorSamples(L.Callback):
@@ -160,12 +108,8 @@ class PriorSamples(L.Callback):
         self.every_n_epochs = check_every_n_epochs(self, every_n_epochs)
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if not draws_this_epoch(trainer, self.every_n_epochs):
-            return
-        with torch.no_grad():
-            samples = pl_module.decode(pl_module.sample_prior(self.num_samples)).cpu().clamp(0, 1)
-        nrow = int(np.ceil(np.sqrt(self.num_samples)))
-        log_images(trainer, {"samples/prior": [grid_image(samples, nrow)]})
+        if draws_this_epoch(trainer, self.every_n_epochs):
+            log_images(trainer, prior_samples(pl_module, self.num_samples))
 
 
 class StyleGrid(L.Callback):
@@ -173,7 +117,7 @@ class StyleGrid(L.Callback):
     codes from their priors (a style), each column one class of the categorical content code.
 
     Args:
-        content_code: the categorical code; default the first one.
+        content_code: the categorical code; default the cluster code, else the first categorical one.
         num_styles: rows of the grid.
     """
 
@@ -183,14 +127,5 @@ class StyleGrid(L.Callback):
         self.every_n_epochs = check_every_n_epochs(self, every_n_epochs)
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if not draws_this_epoch(trainer, self.every_n_epochs):
-            return
-        name = self.content_code or next((c.name for c in pl_module.codes if c.prior.num_classes), None)
-        if name is None:
-            return
-        k = next(c.dim for c in pl_module.codes if c.name == name)
-        with torch.no_grad():
-            codes = {n: v.repeat_interleave(k, dim=0) for n, v in pl_module.sample_prior(self.num_styles).items()}
-            codes[name] = torch.eye(k, device=pl_module.device).repeat(self.num_styles, 1)
-            images = pl_module.decode(codes).cpu().clamp(0, 1)
-        log_images(trainer, {"samples/style_content": [grid_image(images, nrow=k)]})
+        if draws_this_epoch(trainer, self.every_n_epochs):
+            log_images(trainer, style_content_grid(pl_module, self.content_code, self.num_styles))

@@ -95,6 +95,12 @@ def find_last_checkpoint(trainer: L.Trainer) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
+def check_ckpt_path(ckpt_path: str | None, verb: str) -> None:
+    """An empty ``--ckpt_path=`` is a slip, not "no checkpoint": say so before anything reads it."""
+    if ckpt_path is not None and not str(ckpt_path).strip():
+        raise CheckpointError(f"{verb}: --ckpt_path is empty; give a checkpoint file, or `last` for the newest last.ckpt")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Loads with ``weights_only=True``: tensors and plain containers only, so a pickle that would
     run code is refused instead of run."""

@@ -1,20 +1,42 @@
 """``python -m aae_lightning fit|validate|test|predict --config FILE``: LightningCLI in omegaconf mode."""
 
+import logging
 import sys
+import warnings
 
 import wandb
 from lightning.pytorch.cli import LightningCLI
 
-from aae_lightning.checkpointing import CheckpointError, check_matches, find_last_checkpoint, load_checkpoint
+from aae_lightning.checkpointing import CheckpointError, check_ckpt_path, check_matches, find_last_checkpoint, load_checkpoint
 from aae_lightning.data import DataError, ImageDataModule
 from aae_lightning.model import AdversarialAutoencoder, NonFiniteLossError
+from aae_lightning.predictions import PredictionWriter
+from aae_lightning.runs import RunSummary
 from aae_lightning.tracking import (
     SaveConfigToRun,
     checkpoint_wandb_run_id,
     choose_wandb_mode,
     continue_wandb_run,
+    drop_deprecated_wandb_settings,
     keep_checkpoints_local_offline,
 )
+
+
+def quiet_known_noise() -> None:
+    """Silence what every start printed and a user can do nothing about: each for its reason."""
+    # Lightning 2.6 calls torch's LeafSpec, which torch 2.14 deprecates: fixed in Lightning, not here
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # torchmetrics' NMI counts its contingency table with a sparse tensor; torch warns on each one
+    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+    # validate/test/predict from a checkpoint restore ModelCheckpoint's state into the new run's
+    # folder, where they write nothing
+    warnings.filterwarnings("ignore", message="The dirpath has changed from")
+    # predict's rows carry their dataset index (our loaders batch by index, without a sampler)
+    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
+    # the figures verb hands the CLI the arguments it does not take itself, not sys.argv
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    # Lightning 2.6 advertises its hosted logger at every start; this project logs to W&B
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
 class AAECLI(LightningCLI):
@@ -26,6 +48,10 @@ class AAECLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         keep_checkpoints_local_offline(trainer.loggers)
+        drop_deprecated_wandb_settings(trainer.loggers)
+        # every run ends with a summary, and predict writes its rows to a file
+        present = {type(cb) for cb in trainer.callbacks}
+        trainer.callbacks.extend(cb() for cb in (RunSummary, PredictionWriter) if cb not in present)
         return trainer
 
     def parse_arguments(self, parser, args):
@@ -34,6 +60,7 @@ class AAECLI(LightningCLI):
         # file here with one line instead of a traceback from torch.load
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        check_ckpt_path(ckpt_path, subcommand)
         self._checkpoint = load_checkpoint(ckpt_path) if ckpt_path and ckpt_path != "last" else None
 
     def _prepare_checkpoint(self) -> None:
@@ -75,7 +102,8 @@ def root_cause(err: BaseException) -> BaseException:
 def cli_main(args=None, run: bool = True) -> AAECLI | None:
     """The CLI; with ``run=False`` it only builds model, data and trainer (for benchmarks).
 
-    ``sweep FILE --count N`` runs a W&B sweep offline (see :mod:`aae_lightning.sweep`).
+    ``sweep FILE --count N`` runs a W&B sweep offline (see :mod:`aae_lightning.sweep`);
+    ``figures --config C --ckpt_path CKPT`` draws a trained model's figures (:mod:`aae_lightning.figures`).
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["sweep"]:
@@ -83,7 +111,13 @@ def cli_main(args=None, run: bool = True) -> AAECLI | None:
 
         sweep_main(argv[1:])
         return None
+    if argv[:1] == ["figures"]:
+        from aae_lightning.figures import main as figures_main
+
+        figures_main(argv[1:])
+        return None
     choose_wandb_mode()
+    quiet_known_noise()
     try:
         return AAECLI(
             AdversarialAutoencoder,

@@ -8,6 +8,7 @@ download.
 import gzip
 import math
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -53,8 +54,12 @@ class TensorBatches:
     exactly the batches an uninterrupted run would have.
     """
 
-    def __init__(self, tensors, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1):
+    def __init__(self, tensors, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 equal_shards: bool = True):
         self.tensors = tensors
+        # every rank the same number of examples, the remainder left out: ranks that synchronise
+        # per batch (training, metrics) must run the same number of batches; prediction takes all
+        self.equal_shards = equal_shards
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -65,7 +70,8 @@ class TensorBatches:
         self._restored = False
 
     def _num_samples(self) -> int:
-        return len(self.tensors[0]) // self.world_size
+        n = len(self.tensors[0])
+        return n // self.world_size if self.equal_shards else len(range(self.rank, n, self.world_size))
 
     def __len__(self) -> int:
         n = self._num_samples()
@@ -88,7 +94,7 @@ class TensorBatches:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(n)
-        order = order[self.rank : self._num_samples() * self.world_size : self.world_size]
+        order = order[self.rank :: self.world_size][: self._num_samples()]
         for i in range(self.position, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             self.position = i + 1
@@ -108,6 +114,7 @@ class ImageDataModule(L.LightningDataModule):
             the same number per class, drawn (seeded) from the training split, so never from
             validation. Training batches are then {"all": (images, labels with -1 where hidden),
             "labeled": (images, labels)}, the small labelled set cycling beside the whole set.
+        predict_split: the split ``predict`` encodes (``test``, ``val`` or ``train``).
     """
 
     name: str = ""
@@ -115,7 +122,7 @@ class ImageDataModule(L.LightningDataModule):
     num_classes: int = 10
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 100, val_size: int = 5000, seed: int = 0,
-                 num_labeled: int | None = None):
+                 num_labeled: int | None = None, predict_split: Literal["train", "val", "test"] = "test"):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"{type(self).__name__}: batch_size must be >= 1, got {batch_size}")
@@ -130,7 +137,10 @@ class ImageDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.seed = seed
         self.num_labeled = num_labeled
+        self.predict_split = predict_split
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # each split's rows as positions in the file it was read from (train and val share one)
+        self.source_index: dict[str, torch.Tensor] = {}
 
     def load_split(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
         """Images as uint8 (N, C, H, W) and integer labels (N,)."""
@@ -150,18 +160,25 @@ class ImageDataModule(L.LightningDataModule):
             self.find_files()
 
     def setup(self, stage: str):
-        if stage in ("fit", "validate") and "train" not in self.splits:
+        wanted = {"fit": "train", "validate": "val", "test": "test", "predict": self.predict_split}[stage]
+        if wanted in ("train", "val") and "train" not in self.splits:
             images, labels = self._to_tensors(*self.load_split(train=True))
             if self.val_size >= len(images):
                 raise ValueError(f"{type(self).__name__}: val_size={self.val_size} leaves no training data ({len(images)} images)")
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
-            val_idx, train_idx = order[: self.val_size], order[self.val_size :]
-            self.splits["train"] = (images[train_idx], labels[train_idx])
-            self.splits["val"] = (images[val_idx], labels[val_idx])
+            self.source_index["val"], self.source_index["train"] = order[: self.val_size], order[self.val_size :]
+            for split in ("train", "val"):
+                self.splits[split] = (images[self.source_index[split]], labels[self.source_index[split]])
             if self.num_labeled is not None:
                 self._hide_labels()
-        if stage in ("test", "predict") and "test" not in self.splits:
+        if wanted == "test" and "test" not in self.splits:
             self.splits["test"] = self._to_tensors(*self.load_split(train=False))
+            self.source_index["test"] = torch.arange(len(self.splits["test"][0]))
+
+    def example_names(self, split: str) -> list[str] | None:
+        """Names (e.g. file names) of the rows of the file ``split`` was read from, by position in
+        that file, where the data has them; None otherwise."""
+        return None
 
     def labeled_indices(self, labels: torch.Tensor) -> torch.Tensor:
         """Indices of ``num_labeled`` training images, the same number per class, seeded."""
@@ -186,11 +203,12 @@ class ImageDataModule(L.LightningDataModule):
         hidden[idx] = labels[idx]
         self.splits["train"] = (images, hidden)
 
-    def _batches(self, split: str, shuffle: bool) -> TensorBatches:
+    def _batches(self, split: str, shuffle: bool, predict: bool = False) -> TensorBatches:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         batch_size = max(1, min(self.batch_size, len(self.splits[split][0]) // world))
-        return TensorBatches(self.splits[split], batch_size, shuffle, self.seed, drop_last=shuffle, rank=rank, world_size=world)
+        tensors = (*self.splits[split], self.source_index[split]) if predict else self.splits[split]
+        return TensorBatches(tensors, batch_size, shuffle, self.seed, drop_last=shuffle, rank=rank, world_size=world, equal_shards=not predict)
 
     def train_dataloader(self):
         if "labeled" in self.splits:
@@ -205,7 +223,8 @@ class ImageDataModule(L.LightningDataModule):
         return self._batches("test", shuffle=False)
 
     def predict_dataloader(self):
-        return self._batches("test", shuffle=False)
+        # batches of (images, labels, each row's position in its file)
+        return self._batches(self.predict_split, shuffle=False, predict=True)
 
     def find_files(self):
         raise NotImplementedError
@@ -318,3 +337,105 @@ class SVHNDataModule(ImageDataModule):
             raise DataError(f"{path}: expected X of shape (32, 32, 3, N), got {images.shape}")
         labels = labels.reshape(-1).astype(np.int64) % 10
         return np.ascontiguousarray(images.transpose(3, 2, 0, 1)), labels
+
+
+def scan_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
+    """(files, labels, classes) of a folder of images: flat (labels -1, no classes) or one
+    subfolder per class (torchvision's ``ImageFolder`` layout, found with its own helpers)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist: put your PNG/JPEG images there, "
+                        "directly or one subfolder per class")
+    flat = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    has_subfolders = any(p.is_dir() for p in folder.iterdir())
+    if flat and has_subfolders:
+        raise DataError(f"{folder} holds both images and subfolders: put every image directly in it (no labels), "
+                        "or every image in a subfolder named after its class")
+    if flat:
+        return flat, [-1] * len(flat), []
+    if has_subfolders:
+        classes, class_to_idx = find_classes(str(folder))
+        try:
+            samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+        except FileNotFoundError as err:  # a class subfolder without images
+            raise DataError(f"{folder}: {err}") from None
+        return [Path(p) for p, _ in samples], [label for _, label in samples], classes
+    raise DataError(f"image folder {folder} holds no images ({', '.join(IMG_EXTENSIONS)}), directly or in class subfolders")
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Your own images: a folder of PNG/JPEG files, read once, converted to ``channels`` x
+    ``image_size`` and held in memory like the other DataModules.
+
+    The folder is flat (no labels: the metrics that need labels are skipped, the figures still
+    drawn) or one subfolder per class (torchvision's ``ImageFolder`` layout): the labels then
+    only score the clusters, they never train them (unless ``num_labeled`` is set).
+
+    Args:
+        data_dir: the folder of training images; ``val_size`` of them are held out for validation.
+        channels: 1 (grey) or 3 (RGB); every image is converted to it.
+        image_size: [height, width] every image is resized to; default: the size they all share
+            (images of different sizes are then an error that says so).
+        test_dir: a folder of the same layout for ``test`` and ``predict``; default every image
+            of ``data_dir``, so ``predict`` assigns a cluster to each of them.
+        val_size: default a tenth of the images.
+    """
+
+    name = "image folder"
+
+    def __init__(self, data_dir: str, channels: int = 1, image_size: tuple[int, int] | None = None, test_dir: str | None = None,
+                 batch_size: int = 100, val_size: int | None = None, seed: int = 0, num_labeled: int | None = None,
+                 predict_split: Literal["train", "val", "test"] = "test"):
+        if channels not in (1, 3):
+            raise ValueError(f"ImageFolderDataModule: channels must be 1 (grey) or 3 (RGB), got {channels}")
+        if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
+            raise ValueError(f"ImageFolderDataModule: image_size must be [height, width], got {image_size}")
+        self.folders = {True: Path(data_dir).expanduser(), False: Path(test_dir or data_dir).expanduser()}
+        self.scans = {train: scan_image_folder(folder) for train, folder in self.folders.items()}
+        files, _, classes = self.scans[True]
+        if self.scans[False][2] != classes:
+            raise DataError(f"{self.folders[False]} has classes {self.scans[False][2]} but {self.folders[True]} has {classes}")
+        self.resize = image_size is not None
+        if image_size is None:
+            with self._open(files[0]) as first:
+                image_size = (first.height, first.width)
+        self.channels, self.image_size = channels, tuple(image_size)
+        self.input_shape = (channels, *self.image_size)
+        self.num_classes = len(classes)
+        super().__init__(data_dir, False, batch_size, max(1, len(files) // 10) if val_size is None else val_size, seed, num_labeled, predict_split)
+
+    @staticmethod
+    def _open(path: Path):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            return Image.open(path)
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"cannot read image {path}: {err} (not an image, or corrupt; remove or replace it)") from None
+
+    def load_split(self, train):
+        from PIL import Image
+
+        files, labels, _ = self.scans[train]
+        height, width = self.image_size
+        images = np.empty((len(files), self.channels, height, width), dtype=np.uint8)
+        for i, path in enumerate(files):
+            with self._open(path) as image:
+                if image.size != (width, height) and not self.resize:
+                    raise DataError(f"{path} is {image.width}x{image.height} pixels but {files[0]} is {width}x{height}: "
+                                    "set image_size: [height, width] in the DataModule to resize every image")
+                try:
+                    image = image.convert("L" if self.channels == 1 else "RGB")
+                    pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR) if self.resize else image)
+                except OSError as err:  # a truncated file fails only when its pixels are decoded
+                    raise DataError(f"cannot read image {path}: {err} (corrupt or truncated; remove or replace it)") from None
+            images[i] = pixels[None] if self.channels == 1 else pixels.transpose(2, 0, 1)
+        return images, np.asarray(labels, dtype=np.int64)
+
+    def example_names(self, split):
+        folder = self.folders[split != "test"]
+        return [str(p.relative_to(folder)) for p in self.scans[split != "test"][0]]
+
+    def find_files(self):
+        return self.folders

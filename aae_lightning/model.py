@@ -35,7 +35,8 @@ class AdversarialAutoencoder(L.LightningModule):
     Args:
         codes: the latent codes, in the order the decoder sees them concatenated.
         input_shape: image shape (C, H, W); linked from the DataModule by the CLI.
-        num_classes: number of label classes; linked from the DataModule by the CLI.
+        num_classes: number of label classes; linked from the DataModule by the CLI. 0: the data
+            has no labels (a flat folder of images): no metrics need them, figures still drawn.
         encoder: factory ``(input_shape, out_dim) -> nn.Module``; default an MLP of 2 x 1000 units.
         decoder: factory ``(in_dim, output_shape) -> nn.Module`` returning logits; default MLP.
         discriminator_hidden: hidden widths of every code's discriminator.
@@ -115,6 +116,8 @@ class AdversarialAutoencoder(L.LightningModule):
         if cluster_code is not None and cluster_code not in categorical:
             raise ValueError(f"AdversarialAutoencoder: cluster_code={cluster_code!r} is not one of the inferred categorical codes {categorical}")
         if supervised_code is not None:
+            if num_classes == 0:
+                raise ValueError(f"AdversarialAutoencoder: supervised_code={supervised_code!r} needs labelled data, but the data has no labels")
             if supervised_code not in categorical:
                 raise ValueError(f"AdversarialAutoencoder: supervised_code={supervised_code!r} is not one of the inferred categorical codes {categorical}")
             if next(c.dim for c in codes if c.name == supervised_code) != num_classes:
@@ -145,7 +148,7 @@ class AdversarialAutoencoder(L.LightningModule):
                 raise ValueError(f"AdversarialAutoencoder: {term!r} needs one of the inferred categorical codes {categorical}")
         self.supervised_code, self.lr_supervised = supervised_code, lr_supervised
         self.supervised_perturbation = supervised_perturbation
-        if self.cluster_code is not None:
+        if self.cluster_code is not None and num_classes > 0:
             k = next(c.dim for c in codes if c.name == self.cluster_code)
             self.cluster_metrics = nn.ModuleDict({s: ClusterMetrics(k, num_classes, f"{s}/") for s in ("val", "test")})
         if supervised_code is not None:
@@ -354,16 +357,16 @@ class AdversarialAutoencoder(L.LightningModule):
 
     def _shared_eval_step(self, batch, stage: str) -> dict[str, torch.Tensor]:
         x, labels = batch
-        codes = self.encode(x, labels)
+        codes = self.encode(x, labels if self.num_classes > 0 else None)
         self.log(f"{stage}/recon_loss", self.reconstruction_loss(x, codes), on_epoch=True, prog_bar=stage == "val", sync_dist=True)
-        if self.cluster_code is not None:
+        if hasattr(self, "cluster_metrics"):
             self.cluster_metrics[stage].update(codes[self.cluster_code], labels)
         if self.supervised_code is not None:
             self.accuracy[stage].update(codes[self.supervised_code], labels)
         return {"codes": codes, "labels": labels}
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        if self.cluster_code is not None:
+        if hasattr(self, "cluster_metrics"):
             metrics = self.cluster_metrics[stage]
             self.log_dict(metrics.compute(), prog_bar=stage == "val")
             metrics.reset()
@@ -384,8 +387,9 @@ class AdversarialAutoencoder(L.LightningModule):
         return self._shared_eval_step(batch, "test")
 
     def predict_step(self, batch, batch_idx):
-        x, labels = batch
-        return {"codes": self.encode(x, labels), "labels": labels}
+        x, labels, index = batch
+        # codes taken from the label exist only where every label is known
+        return {"codes": self.encode(x, labels if bool((labels >= 0).all()) else None), "labels": labels, "index": index}
 
     def configure_optimizers(self):
         encoder = list(self.encoder.parameters())

@@ -40,6 +40,14 @@ def keep_checkpoints_local_offline(loggers) -> None:
             print("W&B: offline, so log_model is ignored; checkpoints stay in the local checkpoint directory")
 
 
+def drop_deprecated_wandb_settings(loggers) -> None:
+    """Lightning's WandbLogger passes ``anonymous=None`` to ``wandb.init`` even when unset, and
+    wandb (0.31) warns at every start that the setting has no effect; leave it out unless set."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
+            logger._wandb_init.pop("anonymous", None)
+
+
 def continue_wandb_run(loggers, run_id: str | None) -> None:
     """Points the (not yet started) W&B logger at the run a checkpoint came from, so a resumed fit
     logs into the same run id instead of starting a new one."""

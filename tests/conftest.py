@@ -10,6 +10,7 @@ import scipy.io
 import torch
 import torch.nn.functional as F
 import wandb
+from PIL import Image
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -56,6 +57,22 @@ def write_svhn(folder: Path, n_train: int = 300, n_test: int = 100) -> Path:
         y = np.where(labels == 0, 10, labels).reshape(-1, 1)
         scipy.io.savemat(folder / name, {"X": images.transpose(1, 2, 3, 0), "y": y})
     return folder
+
+
+def write_image_folder(folder: Path, n: int = 300, by_class: bool = True, seed: int = 0) -> Path:
+    """PNG files of the structured images: one subfolder per class (``0``, ``1``, ...) or flat."""
+    images, labels = structured_images(n, seed=seed)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        target = folder / str(label) if by_class else folder
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0]).save(target / f"img{i:04d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def image_folder_dir(tmp_path_factory) -> Path:
+    """torchvision's ImageFolder layout: one subfolder of PNGs per class."""
+    return write_image_folder(tmp_path_factory.mktemp("folder"))
 
 
 @pytest.fixture(scope="session")

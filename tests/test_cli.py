@@ -14,10 +14,14 @@ TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.
         "--trainer.enable_progress_bar=false", "--data.download=false", "--data.val_size=100"]
 
 
-def data_dir_for(config: Path, request) -> str:
-    data_class = yaml.safe_load(config.read_text())["data"]["class_path"]
-    fixture = {"SVHNDataModule": "svhn_dir", "FashionMNISTDataModule": "fashion_dir"}.get(data_class.rsplit(".", 1)[1], "mnist_dir")
-    return str(request.getfixturevalue(fixture))
+def data_args_for(config: Path, request) -> list[str]:
+    """The tiny dataset a config's DataModule reads, and the TINY arguments it takes."""
+    data_class = yaml.safe_load(config.read_text())["data"]["class_path"].rsplit(".", 1)[1]
+    fixture = {"SVHNDataModule": "svhn_dir", "FashionMNISTDataModule": "fashion_dir",
+               "ImageFolderDataModule": "image_folder_dir"}.get(data_class, "mnist_dir")
+    # a folder of one's own images has nothing to download
+    tiny = [a for a in TINY if not a.startswith("--data.download")] if data_class == "ImageFolderDataModule" else TINY
+    return [f"--data.data_dir={request.getfixturevalue(fixture)}", *tiny]
 
 
 def last_checkpoint(root: Path) -> Path:
@@ -33,7 +37,7 @@ def fewer_labels(config: Path) -> list[str]:
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=[c.stem for c in ALL_CONFIGS])
 def test_every_config_fits_on_tiny_data(config, request, offline_wandb):
-    cli_main(["fit", "--config", str(config), f"--data.data_dir={data_dir_for(config, request)}", *TINY, *fewer_labels(config)])
+    cli_main(["fit", "--config", str(config), *data_args_for(config, request), *fewer_labels(config)])
     assert last_checkpoint(offline_wandb).is_file()
     (run,) = offline_runs(offline_wandb)
     assert run.values("train/recon_loss_epoch") and "val/recon_loss" in run.summary

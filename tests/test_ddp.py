@@ -47,3 +47,10 @@ def test_ddp_fit_on_two_processes_and_metrics_equal_one_process(mnist_dir, tmp_p
     assert {"val/purity", "val/acc", "val/nmi", "val/ari", "val/recon_loss"} <= set(one)
     for key, value in one.items():
         assert both[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+    # predict on two processes: one file, every image once, though 101 does not split evenly
+    run(["predict", "--config", config, *data, *DDP, "--ckpt_path", str(ckpt), "--data.predict_split=val", "--data.val_size=101",
+         "--trainer.callbacks=[]"], tmp_path)
+    lines = (ckpt.resolve().parent.parent / "predictions" / "val.csv").read_text().splitlines()
+    indices = [int(line.split(",")[0]) for line in lines[1:]]
+    assert len(indices) == 101 and indices == sorted(set(indices))
