@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export WANDB_SILENT ?= true
 
-.PHONY: help install test test-slow train bench-clustering bench-throughput sweep clean
+.PHONY: help install test test-slow train fashion-mnist bench-clustering bench-dim-reduction bench-throughput sweep clean
 
 # bench-clustering settings: make bench-clustering CONFIG=... DATASETS='mnist-sample fashion-mnist' (or DATA_DIR=...)
 #   MINUTES=15 SEEDS='0 1 2' ARGS='...'
@@ -38,11 +38,20 @@ test-slow: $(STAMP)  ## run the slow checks as well
 train: $(STAMP)  ## the main job: clustering on MNIST (DATA_DIR=... to point at the files)
 	$(PY) -m aae_lightning fit --config configs/clustering.yaml $(if $(DATA_DIR),--data.data_dir=$(DATA_DIR))
 
-bench-clustering: $(STAMP)  ## purity/acc/NMI/ARI per epoch against wall time (CONFIG, DATASETS or DATA_DIR, MINUTES, SEEDS, ARGS)
+FASHION := /usr/share/datasets/fashion-mnist
+
+fashion-mnist:  ## Debian's dataset-fashion-mnist for the benchmarks, installed with apt-get where it is missing
+	@test -d $(FASHION) || { command -v apt-get >/dev/null && apt-get install -y -q dataset-fashion-mnist; } || \
+		{ echo "Fashion-MNIST is not in $(FASHION) and apt-get could not install it: run 'apt-get install dataset-fashion-mnist' as root, or pass DATASETS=mnist-sample"; exit 2; }
+
+bench-clustering: $(STAMP) $(if $(and $(findstring fashion-mnist,$(DATASETS)),$(if $(DATA_DIR),,yes)),fashion-mnist)  ## purity/acc/NMI/ARI per epoch against wall time (CONFIG, DATASETS or DATA_DIR, MINUTES, SEEDS, ARGS)
 	$(PY) benchmarks/clustering.py --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR),--datasets $(DATASETS)) \
 		--minutes $(MINUTES) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(ARGS),-- $(ARGS))
 
-bench-throughput: $(STAMP)  ## samples/s of our fit path vs plain PyTorch loops, and GFLOP/s vs torch.mm
+bench-dim-reduction: $(STAMP)  ## the 2-D map against PCA / t-SNE / UMAP on the MNIST sample (MINUTES, ARGS)
+	$(PY) benchmarks/dim_reduction.py --datasets mnist-sample --minutes $(MINUTES) $(if $(ARGS),-- $(ARGS))
+
+bench-throughput: $(STAMP) $(if $(DATA_DIR),,fashion-mnist)  ## samples/s of our fit path vs plain PyTorch loops, and GFLOP/s vs torch.mm
 	$(PY) benchmarks/throughput.py --data-dir $(or $(DATA_DIR),/usr/share/datasets/fashion-mnist)
 
 sweep: $(STAMP)  ## W&B sweep with no server (SWEEP, COUNT, ARGS appended to every trial)

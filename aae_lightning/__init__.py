@@ -1,7 +1,7 @@
 """Adversarial Autoencoders (Makhzani et al. 2015) as a PyTorch Lightning project."""
 
-from aae_lightning.callbacks import ClusterGrid, LatentPlot, PriorSamples, StyleGrid
-from aae_lightning.checkpointing import AtomicCheckpointIO, InterruptCheckpoint
+from aae_lightning.callbacks import ClusterGrid, LatentPlot, PriorSamples, RepresentationMap, StyleGrid
+from aae_lightning.checkpointing import AtomicCheckpointIO, BestCheckpoint, InterruptCheckpoint
 from aae_lightning.codes import LatentCode
 from aae_lightning.data import FashionMNISTDataModule, ImageDataModule, ImageFolderDataModule, MNISTDataModule, SVHNDataModule
 from aae_lightning.likelihood import ParzenLikelihood
@@ -10,18 +10,20 @@ from aae_lightning.perturbations import RandomAffine, RandomShift, VirtualAdvers
 from aae_lightning.predictions import PredictionWriter
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
 from aae_lightning.runs import RunSummary
-from aae_lightning.terms import Balance, Consistency, MutualInformation, TrainingTerm
+from aae_lightning.terms import Balance, Consistency, HeadSeparation, MutualInformation, TrainingTerm
 
 __all__ = [
     "AdversarialAutoencoder",
     "AtomicCheckpointIO",
     "Balance",
+    "BestCheckpoint",
     "CategoricalPrior",
     "ClusterGrid",
     "Consistency",
     "FashionMNISTDataModule",
     "GaussianMixturePrior",
     "GaussianPrior",
+    "HeadSeparation",
     "ImageDataModule",
     "ImageFolderDataModule",
     "InterruptCheckpoint",
@@ -35,6 +37,7 @@ __all__ = [
     "PriorSamples",
     "RandomAffine",
     "RandomShift",
+    "RepresentationMap",
     "RunSummary",
     "StyleGrid",
     "SVHNDataModule",

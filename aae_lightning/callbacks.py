@@ -10,7 +10,15 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
-from aae_lightning.figures import cluster_grid, cluster_sizes, latent_scatter, prior_samples, save_images, style_content_grid
+from aae_lightning.figures import (
+    cluster_grid,
+    cluster_sizes,
+    latent_scatter,
+    prior_samples,
+    representation_map,
+    save_images,
+    style_content_grid,
+)
 from aae_lightning.runs import run_directory
 
 
@@ -83,6 +91,14 @@ class LatentPlot(_ValidationFigures):
 
     def draw(self, pl_module, outputs):
         return {**latent_scatter(pl_module, outputs, self.code), **cluster_sizes(pl_module, outputs)}
+
+
+class RepresentationMap(_ValidationFigures):
+    """The paper's sec. 7 map: the decoder's input W y + z of the validation set coloured by the
+    true label, with the cluster heads marked (more than two dimensions: heads on a circle)."""
+
+    def draw(self, pl_module, outputs):
+        return representation_map(pl_module, outputs)
 
 
 class ClusterGrid(_ValidationFigures):

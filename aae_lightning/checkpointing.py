@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -72,6 +73,23 @@ class InterruptCheckpoint(L.Callback):
         callback = trainer.checkpoint_callback
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and callback is not None and callback.dirpath:
             trainer.save_checkpoint(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """The best checkpoint (and ``last.ckpt``) by the model's headline metric: ``val/error`` for a
+    classifier, ``val/purity`` for a clustering model on labelled data, else ``val/recon_loss``
+    (the model's ``monitor_metric``), so one default serves every experiment. Give ``monitor`` and
+    ``mode`` to choose another."""
+
+    def __init__(self, monitor: str | None = None, mode: str = "min", save_last: bool = True, **kwargs):
+        kwargs.setdefault("enable_version_counter", False)  # one last.ckpt, shared with the periodic one
+        super().__init__(monitor=monitor, mode=mode, save_last=save_last, **kwargs)
+
+    def setup(self, trainer, pl_module, stage):
+        if self.monitor is None and hasattr(pl_module, "monitor_metric"):
+            self.monitor, mode = pl_module.monitor_metric()
+            self._ModelCheckpoint__init_monitor_mode(mode)  # mode sets kth_value and best_model_score's start
+        super().setup(trainer, pl_module, stage)
 
 
 class CheckpointError(ValueError):

@@ -39,8 +39,29 @@ def quiet_known_noise() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
+# What every run needs, on without being written in each experiment YAML; a config or the command
+# line still changes or removes each (``--trainer.callbacks=[]``, ``--trainer.logger=false``), and
+# ``--print_config`` shows them. The figures follow from the model (its ``configure_callbacks``).
+RUN_DEFAULTS = {
+    # reproducible unless asked otherwise (--seed_everything=true draws a seed)
+    "seed_everything": 0,
+    "trainer.logger": {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "aae-lightning", "save_dir": "runs"}},
+    "trainer.plugins": [{"class_path": "aae_lightning.AtomicCheckpointIO"}],
+    "trainer.log_every_n_steps": 10,
+    "trainer.callbacks": [
+        {"class_path": "aae_lightning.InterruptCheckpoint"},
+        {"class_path": "aae_lightning.BestCheckpoint"},
+        # last.ckpt also every 1500 optimizer steps (500 batches: each batch steps three
+        # optimizers), so a preempted run loses minutes at most; resume with --ckpt_path last
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 1500, "enable_version_counter": False}},
+    ],
+}
+
+
 class AAECLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
+        parser.set_defaults(RUN_DEFAULTS)
         # The data decides the image shape and the number of classes; the model follows.
         parser.link_arguments("data", "model.init_args.input_shape", compute_fn=lambda d: d.input_shape, apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.num_classes", compute_fn=lambda d: d.num_classes, apply_on="instantiate")

@@ -17,9 +17,18 @@ class LatentCode:
             regularized (the supervised AAE of paper sec. 4, where the encoder learns only style).
         conditioned: the discriminator also sees the label, one-hot with one extra "unlabelled"
             slot, and real samples come from the label's part of the prior (paper sec. 2.3, Fig. 4).
+        added_to: the decoder sees this code multiplied by a matrix W and added to the code of
+            that name instead of beside it: for a categorical y, W's rows are cluster heads and
+            the decoder input W y + z is an n-D map of the data (paper sec. 7).
+        head_scale: the heads' scale: learned heads start from N(0, head_scale^2) (Adam moves
+            them by about the learning rate per step, so they must start apart); fixed ones are
+            ``head_scale`` x I.
+        learned_heads: W learned with the autoencoder; false: fixed to ``head_scale`` x I (the
+            two codes of equal size: the paper's 10-D semi-supervised map).
     """
 
-    def __init__(self, name: str, prior: Prior, weight: float = 1.0, source: Literal["encoder", "label"] = "encoder", conditioned: bool = False):
+    def __init__(self, name: str, prior: Prior, weight: float = 1.0, source: Literal["encoder", "label"] = "encoder", conditioned: bool = False,
+                 added_to: str | None = None, head_scale: float = 1.0, learned_heads: bool = True):
         if not name.isidentifier():
             raise ValueError(f"LatentCode: name must be an identifier such as 'y' or 'z', got {name!r}")
         if weight < 0:
@@ -31,11 +40,18 @@ class LatentCode:
         if conditioned and prior.num_parts is None:
             raise ValueError(f"LatentCode {name!r}: conditioned=True needs a prior whose parts labels can pick "
                              f"(mixture, swiss roll, categorical), got {prior!r}")
+        if head_scale <= 0:
+            raise ValueError(f"LatentCode {name!r}: head_scale must be > 0, got {head_scale}")
+        if added_to == name:
+            raise ValueError(f"LatentCode {name!r}: added_to must name another code")
         self.name = name
         self.prior = prior
         self.weight = weight
         self.source = source
         self.conditioned = conditioned
+        self.added_to = added_to
+        self.head_scale = head_scale
+        self.learned_heads = learned_heads
 
     @property
     def dim(self) -> int:
@@ -48,4 +64,6 @@ class LatentCode:
 
     def __repr__(self) -> str:
         return (f"LatentCode(name={self.name!r}, prior={self.prior!r}, weight={self.weight}, "
-                f"source={self.source!r}, conditioned={self.conditioned})")
+                f"source={self.source!r}, conditioned={self.conditioned}"
+                + (f", added_to={self.added_to!r}, head_scale={self.head_scale}, learned_heads={self.learned_heads}" if self.added_to else "")
+                + ")")

@@ -81,6 +81,46 @@ def cluster_sizes(model, outputs: dict[str, torch.Tensor]) -> dict[str, Image.Im
     return {"latent/cluster_sizes": figure_to_image(fig)}
 
 
+def head_code(model):
+    """The code whose heads make the model's map (``added_to`` another code), or None."""
+    return next((c for c in model.codes if c.added_to is not None), None)
+
+
+@torch.no_grad()
+def map_coordinates(model, codes: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's map W y + z of each example and the heads (rows of W), in 2-D: as they are
+    for a 2-D map; for more dimensions through the linear map (least squares through the heads)
+    that puts the heads evenly on a circle, as the paper shows its 10-D map."""
+    c = head_code(model)
+    heads = model.head_matrix(c.name).detach().float().cpu()
+    points = codes[c.added_to].float().cpu() + codes[c.name].float().cpu() @ heads
+    if heads.shape[1] == 2:
+        return points, heads
+    angle = torch.arange(len(heads)) * (2 * torch.pi / len(heads))
+    circle = torch.stack([angle.cos(), angle.sin()], dim=1)
+    projection = torch.linalg.pinv(heads) @ circle
+    return points @ projection, heads @ projection
+
+
+def representation_map(model, outputs: dict[str, torch.Tensor]) -> dict[str, Image.Image]:
+    """The paper's Figures 10-11: the map coloured by the true label, the cluster heads marked."""
+    c = head_code(model)
+    if c is None:
+        return {}
+    points, heads = map_coordinates(model, {k[5:]: v for k, v in outputs.items() if k.startswith("code/")})
+    fig, ax = plt.subplots(figsize=(7, 7))
+    labels = outputs["labels"]
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.clamp(min=0), cmap="tab10", s=3, alpha=0.6)
+    if bool((labels >= 0).any()):
+        ax.legend(*scatter.legend_elements(), title="label", loc="upper right", fontsize="small")
+    ax.scatter(heads[:, 0], heads[:, 1], marker="x", c="black", s=60, label="heads")
+    for k, (hx, hy) in enumerate(heads.tolist()):
+        ax.annotate(str(k), (hx, hy), fontsize=8)
+    dim = model.head_matrix(c.name).shape[1]
+    ax.set_title(f"{dim}-D map W {c.name} + {c.added_to}" + (" (heads placed on a circle)" if dim > 2 else ""))
+    return {"map/representation": figure_to_image(fig)}
+
+
 @torch.no_grad()
 def cluster_heads(model) -> torch.Tensor:
     """The decoder at each one-hot cluster code with every other code at zero."""
@@ -145,6 +185,7 @@ def all_figures(model, outputs: dict[str, torch.Tensor], images_per_cluster: int
         **latent_scatter(model, outputs),
         **cluster_sizes(model, outputs),
         **cluster_grid(model, outputs, images_per_cluster),
+        **representation_map(model, outputs),
         **prior_samples(model),
         **style_content_grid(model, num_styles=num_styles),
     }

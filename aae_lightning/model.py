@@ -11,6 +11,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from aae_lightning.callbacks import ClusterGrid, LatentPlot, PriorSamples, RepresentationMap, StyleGrid
 from aae_lightning.codes import LatentCode
 from aae_lightning.metrics import ClusterMetrics
 from aae_lightning.nets import Discriminator, MLPDecoder, MLPEncoder
@@ -66,6 +67,11 @@ class AdversarialAutoencoder(L.LightningModule):
         supervised_perturbation: opt-in, beyond the paper: the labelled images of that phase
             are perturbed afresh at every step (e.g. :class:`~aae_lightning.RandomAffine`), so
             a hundred labels stand for many more images.
+        lr_heads: learning rate of learned cluster heads (codes with ``added_to``), default ``lr``:
+            Adam moves a weight by about its learning rate per step, and heads live on the scale
+            of the prior (units), not of a weight.
+        figures_every_n_epochs: how often the figures that follow from the codes are drawn (to
+            W&B and as PNG files; see ``configure_callbacks``); 0: none.
     """
 
     def __init__(
@@ -90,6 +96,8 @@ class AdversarialAutoencoder(L.LightningModule):
         supervised_code: str | None = None,
         lr_supervised: float = 1e-3,
         supervised_perturbation: Perturbation | None = None,
+        lr_heads: float | None = None,
+        figures_every_n_epochs: int = 5,
     ):
         super().__init__()
         if not codes:
@@ -97,7 +105,8 @@ class AdversarialAutoencoder(L.LightningModule):
         names = [c.name for c in codes]
         if len(set(names)) != len(names):
             raise ValueError(f"AdversarialAutoencoder: code names must be unique, got {names}")
-        for name, value in (("lr", lr), ("lr_discriminator", lr_discriminator), ("lr_generator", lr_generator), ("lr_supervised", lr_supervised)):
+        for name, value in (("lr", lr), ("lr_discriminator", lr_discriminator), ("lr_generator", lr_generator), ("lr_supervised", lr_supervised),
+                            ("lr_heads", lr if lr_heads is None else lr_heads)):
             if value <= 0:
                 raise ValueError(f"AdversarialAutoencoder: {name} must be > 0, got {value}")
         for name, value in (("discriminator_noise", discriminator_noise), ("input_noise", input_noise)):
@@ -122,13 +131,31 @@ class AdversarialAutoencoder(L.LightningModule):
                 raise ValueError(f"AdversarialAutoencoder: supervised_code={supervised_code!r} is not one of the inferred categorical codes {categorical}")
             if next(c.dim for c in codes if c.name == supervised_code) != num_classes:
                 raise ValueError(f"AdversarialAutoencoder: supervised_code={supervised_code!r} must have one category per class ({num_classes})")
+        by_name = {c.name: c for c in codes}
+        for c in codes:
+            if c.added_to is None:
+                continue
+            target = by_name.get(c.added_to)
+            if target is None or target.added_to is not None:
+                raise ValueError(f"AdversarialAutoencoder: code {c.name!r} is added_to={c.added_to!r}, which must be another code "
+                                 f"that is not itself added to one; codes: {names}")
+            if not c.learned_heads and c.dim != target.dim:
+                raise ValueError(f"AdversarialAutoencoder: code {c.name!r} has fixed heads (W = head_scale x I), which needs "
+                                 f"{c.added_to!r} of the same size ({c.dim}), got {target.dim}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.codes = list(codes)
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.encoder = (encoder or MLPEncoder)(self.input_shape, sum(c.dim for c in codes if c.inferred))
-        self.decoder = (decoder or MLPDecoder)(sum(c.dim for c in codes), self.input_shape)
+        self.decoder = (decoder or MLPDecoder)(sum(c.dim for c in codes if c.added_to is None), self.input_shape)
+        # a code added to another one reaches the decoder through its heads W (rows: one per
+        # category), learned with the autoencoder or fixed to scale x I
+        self.heads = nn.ParameterDict({c.name: nn.Parameter(c.head_scale * torch.randn(c.dim, by_name[c.added_to].dim))
+                                       for c in codes if c.added_to is not None and c.learned_heads})
+        for c in codes:
+            if c.added_to is not None and not c.learned_heads:
+                self.register_buffer(f"fixed_heads_{c.name}", c.head_scale * torch.eye(c.dim))
         # a conditioned discriminator also sees the label: one-hot over the classes plus "unlabelled"
         self.discriminators = nn.ModuleDict({
             c.name: Discriminator(c.dim + (num_classes + 1 if c.conditioned else 0), discriminator_hidden)
@@ -136,6 +163,7 @@ class AdversarialAutoencoder(L.LightningModule):
         })
         self.recon_loss = recon_loss
         self.lr, self.lr_discriminator, self.lr_generator = lr, lr_discriminator, lr_generator
+        self.lr_heads = lr if lr_heads is None else lr_heads
         self.betas = tuple(betas)
         self.lr_milestones, self.lr_gamma = list(lr_milestones), lr_gamma
         self.discriminator_noise = discriminator_noise
@@ -146,8 +174,13 @@ class AdversarialAutoencoder(L.LightningModule):
             term.code = term.code or self.cluster_code
             if term.code not in categorical:
                 raise ValueError(f"AdversarialAutoencoder: {term!r} needs one of the inferred categorical codes {categorical}")
+            if term.needs_heads and by_name[term.code].added_to is None:
+                raise ValueError(f"AdversarialAutoencoder: {term!r} needs cluster heads: give code {term.code!r} added_to")
         self.supervised_code, self.lr_supervised = supervised_code, lr_supervised
         self.supervised_perturbation = supervised_perturbation
+        if figures_every_n_epochs < 0:
+            raise ValueError(f"AdversarialAutoencoder: figures_every_n_epochs must be >= 0, got {figures_every_n_epochs}")
+        self.figures_every_n_epochs = figures_every_n_epochs
         if self.cluster_code is not None and num_classes > 0:
             k = next(c.dim for c in codes if c.name == self.cluster_code)
             self.cluster_metrics = nn.ModuleDict({s: ClusterMetrics(k, num_classes, f"{s}/") for s in ("val", "test")})
@@ -167,8 +200,20 @@ class AdversarialAutoencoder(L.LightningModule):
                     codes[c.name] = F.one_hot(labels, c.dim).to(x.dtype)
         return codes
 
+    def head_matrix(self, name: str) -> torch.Tensor:
+        """W of a code that is added to another one: one row (head) per category."""
+        return self.heads[name] if name in self.heads else getattr(self, f"fixed_heads_{name}")
+
+    def decoder_input(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The codes side by side, each code with ``added_to`` entering as W code + the other."""
+        parts = {c.name: codes[c.name] for c in self.codes if c.added_to is None}
+        for c in self.codes:
+            if c.added_to is not None:
+                parts[c.added_to] = parts[c.added_to] + codes[c.name] @ self.head_matrix(c.name)
+        return torch.cat(list(parts.values()), dim=1)
+
     def decode_logits(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.decoder(torch.cat([codes[c.name] for c in self.codes], dim=1))
+        return self.decoder(self.decoder_input(codes))
 
     def decode(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
         """Codes -> images in the data's scale."""
@@ -227,13 +272,16 @@ class AdversarialAutoencoder(L.LightningModule):
             losses.append(c.weight * F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit)))
         return torch.stack(losses).sum()
 
-    def term_losses(self, x: torch.Tensor, codes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each extra term's unweighted loss, by a name unique among the terms."""
-        losses = {}
+    def term_names(self) -> list[str]:
+        """Each extra term's name, made unique among the terms."""
+        names: list[str] = []
         for term in self.terms:
-            name = term.name if term.name not in losses else f"{term.name}_{len(losses)}"
-            losses[name] = term.loss(self, x, codes)
-        return losses
+            names.append(term.name if term.name not in names else f"{term.name}_{len(names)}")
+        return names
+
+    def term_losses(self, x: torch.Tensor, codes: dict[str, torch.Tensor], phase: str) -> dict[str, tuple[float, torch.Tensor]]:
+        """{name: (weight, unweighted loss)} of the extra terms that join ``phase``."""
+        return {name: (term.weight, term.loss(self, x, codes)) for name, term in zip(self.term_names(), self.terms) if term.phase == phase}
 
     def supervised_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         q = self.encode(x)[self.supervised_code]
@@ -297,8 +345,10 @@ class AdversarialAutoencoder(L.LightningModule):
             raise ValueError("a code is taken from the label, but the batch has unlabelled images: unset num_labeled")
 
         with self._phase(opt_ae):
-            recon = self.reconstruction_loss(x, self.encode(self._corrupt(x), labels))
-            self.manual_backward(recon)
+            recon_codes = self.encode(self._corrupt(x), labels)
+            recon = self.reconstruction_loss(x, recon_codes)
+            term_losses = self.term_losses(x, recon_codes, "reconstruction")
+            self.manual_backward(recon + sum(w * value for w, value in term_losses.values()))
 
         # One encoder pass serves both regularization steps: the discriminator sees it detached,
         # the generator backpropagates through the freshly updated discriminators into it.
@@ -308,10 +358,10 @@ class AdversarialAutoencoder(L.LightningModule):
             self.manual_backward(d_loss)
         with self._phase(opt_g):
             g_loss = self.generator_loss(codes, labels)
-            term_losses = self.term_losses(x, codes)
-            for term, value in zip(self.terms, term_losses.values()):
-                g_loss = g_loss + term.weight * value
+            generator_terms = self.term_losses(x, codes, "generator")
+            g_loss = g_loss + sum(w * value for w, value in generator_terms.values())
             self.manual_backward(g_loss)
+        term_losses.update(generator_terms)
         losses = {"reconstruction": recon, "discriminator": d_loss, "generator": g_loss}
 
         if opt_supervised and labeled is not None and len(labeled[1]):
@@ -330,7 +380,7 @@ class AdversarialAutoencoder(L.LightningModule):
         if "supervised" in losses:
             self.log("train/supervised_loss", losses["supervised"], on_step=True, on_epoch=True)
         if term_losses:
-            self.log_dict({f"train/{name}": value for name, value in term_losses.items()}, on_step=True, on_epoch=True)
+            self.log_dict({f"train/{name}": value for name, (_, value) in term_losses.items()}, on_step=True, on_epoch=True)
 
     # The noise and prior draws come from torch's global generator: checkpoints keep its state so a
     # resumed run draws what the uninterrupted one would. It is put back when training starts, after
@@ -391,10 +441,38 @@ class AdversarialAutoencoder(L.LightningModule):
         # codes taken from the label exist only where every label is known
         return {"codes": self.encode(x, labels if bool((labels >= 0).all()) else None), "labels": labels, "index": index}
 
+    def monitor_metric(self) -> tuple[str, str]:
+        """The headline validation metric and its direction: what the best checkpoint keeps."""
+        if self.supervised_code is not None:
+            return "val/error", "min"
+        if hasattr(self, "cluster_metrics"):
+            return "val/purity", "max"
+        return "val/recon_loss", "min"
+
+    def configure_callbacks(self):
+        """The figures that follow from the codes: a continuous code's scatter, a cluster code's
+        sizes and grid, a map's heads, samples from the priors, and a categorical code against
+        the styles. A figure callback the trainer already has (from a config) is left as it is."""
+        n = self.figures_every_n_epochs
+        if n == 0:
+            return []
+        wanted = [PriorSamples(every_n_epochs=n)]
+        if any(not c.prior.num_classes for c in self.codes) or self.cluster_code is not None:
+            wanted.append(LatentPlot(every_n_epochs=n))
+        if self.cluster_code is not None:
+            wanted.append(ClusterGrid(every_n_epochs=n))
+        if any(c.prior.num_classes for c in self.codes):
+            wanted.append(StyleGrid(every_n_epochs=n))
+        if any(c.added_to is not None for c in self.codes):
+            wanted.append(RepresentationMap(every_n_epochs=n))
+        present = {type(cb) for cb in self.trainer.callbacks} if self._trainer is not None else set()
+        return [cb for cb in wanted if type(cb) not in present]
+
     def configure_optimizers(self):
         encoder = list(self.encoder.parameters())
         optimizers = [
-            torch.optim.Adam(encoder + list(self.decoder.parameters()), lr=self.lr, betas=self.betas),
+            torch.optim.Adam([{"params": encoder + list(self.decoder.parameters())},
+                              {"params": list(self.heads.parameters()), "lr": self.lr_heads}], lr=self.lr, betas=self.betas),
             torch.optim.Adam(self.discriminators.parameters(), lr=self.lr_discriminator, betas=self.betas),
             torch.optim.Adam(encoder, lr=self.lr_generator, betas=self.betas),
         ]

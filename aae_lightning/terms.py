@@ -1,6 +1,7 @@
-"""Training terms beyond the paper: extra losses on a categorical code, added to the generator
-phase (the encoder's adversarial step), each with its own weight. The module with no terms is the
-paper's method; a config turns one on with one list entry, and ``--print_config`` lists them."""
+"""Training terms: extra losses on a categorical code, each with its own weight, added to the
+phase it names (the generator phase, the encoder's adversarial step, unless said otherwise). The
+module with no terms is the paper's method (but for its sec. 7 head cost, which is one too); a
+config turns one on with one list entry, and ``--print_config`` lists them."""
 
 import math
 
@@ -18,9 +19,13 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 class TrainingTerm:
     """One extra loss. ``code``: the categorical code it acts on; default the model's cluster code.
 
-    ``loss(model, x, codes)`` gets the clean image batch and the codes the generator phase
-    encoded, and returns the unweighted loss; the model multiplies by ``weight``.
+    ``loss(model, x, codes)`` gets the clean image batch and the codes its phase encoded, and
+    returns the unweighted loss; the model multiplies by ``weight``.
     """
+
+    # the optimizer step it joins: "generator" (encoder) or "reconstruction" (encoder, decoder, heads)
+    phase = "generator"
+    needs_heads = False
 
     def __init__(self, weight: float = 1.0, code: str | None = None):
         if weight < 0:
@@ -79,3 +84,25 @@ class Consistency(TrainingTerm):
 
         target = codes[self.code].detach()
         return F.kl_div(torch.log(predict(self.perturbation(x, predict)) + 1e-8), target, reduction="batchmean")
+
+
+class HeadSeparation(TrainingTerm):
+    """The paper's cluster-head cost (sec. 7): sum over pairs of heads (rows of the code's W) of
+    max(0, threshold - their Euclidean distance), so every two clusters land at least
+    ``threshold`` apart in the map. It trains the heads, so it joins the reconstruction phase."""
+
+    phase = "reconstruction"
+    needs_heads = True
+
+    def __init__(self, threshold: float, weight: float = 1.0, code: str | None = None):
+        super().__init__(weight, code)
+        if threshold <= 0:
+            raise ValueError(f"HeadSeparation: threshold must be > 0, got {threshold}")
+        self.threshold = threshold
+
+    def loss(self, model, x, codes):
+        heads = model.head_matrix(self.code)
+        i, j = torch.triu_indices(len(heads), len(heads), offset=1, device=heads.device)
+        # + 1e-12: the gradient of a norm is undefined where two heads coincide
+        distance = ((heads[i] - heads[j]).pow(2).sum(1) + 1e-12).sqrt()
+        return F.relu(self.threshold - distance).sum()

@@ -64,7 +64,8 @@ def main():
     parser.add_argument("cli_args", nargs="*", help="extra CLI arguments, after --")
     opts = parser.parse_args()
 
-    args = ["--config", opts.config, "--data.download=false",
+    # no figures: they cost time and measure nothing here
+    args = ["--config", opts.config, "--data.download=false", "--model.init_args.figures_every_n_epochs=0",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     if opts.epochs:
         args.append(f"--trainer.max_epochs={opts.epochs}")

@@ -6,7 +6,10 @@
             torchvision DataLoader with per-sample ToTensor transforms, as public AAE code does
   loop-mem  the same loop fed by in-memory tensors
 
-It prints samples/s, the ratios, and the achieved GFLOP/s (from the nets' FLOPs) against the rate
+and in each precision of ``--precisions``: ``32`` and ``bf16-mixed`` (ours: the Trainer's
+``precision``; the loops: the step under ``torch.autocast(dtype=torch.bfloat16)``, as Lightning
+runs it; the DataLoader loop only in fp32, where it measures the data path). It prints
+samples/s, the ratios, and the achieved GFLOP/s (from the nets' FLOPs) against the rate
 ``torch.mm`` reaches at the same matrix sizes on this machine.
 
     python benchmarks/throughput.py --data-dir /usr/share/datasets/fashion-mnist --batch-size 100
@@ -99,7 +102,7 @@ class PlainAAE:
         self.opt_g.step()
 
 
-def time_loop(batches, steps: int, warmup: int) -> float:
+def time_loop(batches, steps: int, warmup: int, precision: str = "32") -> float:
     model = PlainAAE()
     start = None
     for i, (x, _) in enumerate(batches):
@@ -107,7 +110,8 @@ def time_loop(batches, steps: int, warmup: int) -> float:
             start = time.perf_counter()
         if i == warmup + steps:
             break
-        model.step(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            model.step(x)
     return steps / (time.perf_counter() - start)
 
 
@@ -138,16 +142,17 @@ class StepTimer(L.Callback):
         self.rate = (self.batches - self.warmup) / (time.perf_counter() - self.start)
 
 
-def time_ours(data_dir: str, batch_size: int, steps: int, warmup: int) -> float:
+def time_ours(data_dir: str, batch_size: int, steps: int, warmup: int, precision: str = "32", val_size: int = 5000) -> float:
     timer = StepTimer(warmup)
     cli = cli_main(["--config", str(CONFIG), "--data=aae_lightning.FashionMNISTDataModule",
-                    f"--data.data_dir={data_dir}", "--data.download=false", f"--data.batch_size={batch_size}",
+                    f"--data.data_dir={data_dir}", "--data.download=false", f"--data.batch_size={batch_size}", f"--data.val_size={val_size}",
                     f"--model.init_args.codes={CODES}", "--model.init_args.discriminator_noise=0",
                     "--model.init_args.input_noise=0", "--model.init_args.terms=[]",
                     "--model.init_args.encoder=aae_lightning.nets.MLPEncoder",
                     f"--trainer.max_steps={3 * (steps + warmup)}", "--trainer.limit_val_batches=0",
                     "--trainer.num_sanity_val_steps=0", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
-                    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"], run=False)
+                    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                    f"--trainer.precision={precision}"], run=False)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, cli.datamodule)
     wandb.finish()
@@ -187,35 +192,47 @@ def main():
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--val-size", type=int, default=5000, help="training images held out, as the DataModule does")
+    parser.add_argument("--precisions", nargs="+", choices=("32", "bf16-mixed"), default=["32", "bf16-mixed"])
     opts = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     L.seed_everything(0, verbose=False)
 
     from aae_lightning import FashionMNISTDataModule
 
-    dm = FashionMNISTDataModule(data_dir=opts.data_dir, download=False)
+    dm = FashionMNISTDataModule(data_dir=opts.data_dir, download=False, val_size=opts.val_size)
     dm.setup("fit")
     images = dm.splits["train"][0]
     plain = PlainAAE()
     flops = flops_per_sample(linear_macs(plain.encoder), linear_macs(plain.decoder), linear_macs(plain.d_y) + linear_macs(plain.d_z))
 
-    rates = {"ours": [], "loop-dl": [], "loop-mem": []}
+    paths = [(name, p) for p in opts.precisions for name in ("ours", "loop-dl", "loop-mem") if name != "loop-dl" or p == "32"]
+    rates: dict[tuple[str, str], list[float]] = {path: [] for path in paths}
     with tempfile.TemporaryDirectory() as root:
         torchvision_layout(Path(opts.data_dir), Path(root))
         for _ in range(opts.repeats):
-            rates["ours"].append(time_ours(opts.data_dir, opts.batch_size, opts.steps, opts.warmup) * opts.batch_size)
-            rates["loop-dl"].append(time_loop(dataloader_batches(Path(root), opts.batch_size), opts.steps, opts.warmup) * opts.batch_size)
-            rates["loop-mem"].append(time_loop(memory_batches(images, opts.batch_size), opts.steps, opts.warmup) * opts.batch_size)
+            for name, precision in paths:
+                if name == "ours":
+                    rate = time_ours(opts.data_dir, opts.batch_size, opts.steps, opts.warmup, precision, opts.val_size)
+                else:
+                    batches = dataloader_batches(Path(root), opts.batch_size) if name == "loop-dl" else memory_batches(images, opts.batch_size)
+                    rate = time_loop(batches, opts.steps, opts.warmup, precision)
+                rates[(name, precision)].append(rate * opts.batch_size)
     gemm = gemm_gflops(opts.batch_size)
 
     print(f"\nbatch {opts.batch_size}, {opts.steps} timed steps after {opts.warmup} warm-up, best of {opts.repeats}, "
           f"{torch.get_num_threads()} threads, {flops / 1e6:.1f} MFLOP per sample")
     best = {k: max(v) for k, v in rates.items()}
-    for name, rate in best.items():
-        print(f"{name:>9}: {rate:9.0f} samples/s  {rate * flops / 1e9:7.1f} GFLOP/s  ({rate * flops / 1e9 / gemm:5.1%} of torch.mm's {gemm:.1f} GFLOP/s)")
-    print(f"ours / loop-dl  = {best['ours'] / best['loop-dl']:.2f}")
-    print(f"ours / loop-mem = {best['ours'] / best['loop-mem']:.2f}")
-
+    for (name, precision), rate in best.items():
+        print(f"{name:>9} {precision:>10}: {rate:9.0f} samples/s  {rate * flops / 1e9:7.1f} GFLOP/s  "
+              f"({rate * flops / 1e9 / gemm:5.1%} of fp32 torch.mm's {gemm:.1f} GFLOP/s)")
+    if ("loop-dl", "32") in best and ("ours", "32") in best:
+        print(f"ours / loop-dl (32) = {best['ours', '32'] / best['loop-dl', '32']:.2f}")
+    for precision in opts.precisions:
+        print(f"ours / loop-mem ({precision}) = {best['ours', precision] / best['loop-mem', precision]:.2f}")
+    if "bf16-mixed" in opts.precisions and "32" in opts.precisions:
+        print(f"ours bf16-mixed / ours 32 = {best['ours', 'bf16-mixed'] / best['ours', '32']:.2f}")
+        print(f"loop-mem bf16-mixed / loop-mem 32 = {best['loop-mem', 'bf16-mixed'] / best['loop-mem', '32']:.2f}")
 
 if __name__ == "__main__":
     main()

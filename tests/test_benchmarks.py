@@ -1,4 +1,4 @@
-"""The clustering benchmark script, run as users run it, on tiny IDX files and on the real MNIST sample."""
+"""The benchmark scripts, run as users run them, on tiny IDX files and on the real MNIST sample."""
 
 import re
 import statistics
@@ -47,3 +47,26 @@ def test_clustering_benchmark_runs_a_named_real_dataset(tmp_path):
     assert [line for line in lines if line.startswith("mnist-sample seed")] == ["mnist-sample seed 0", "mnist-sample seed 1"]
     (summary,) = [line for line in lines if line.startswith("test over 2 seeds mnist-sample ")]
     assert "purity=" in summary and "nmi=" in summary
+
+
+def test_throughput_benchmark_compares_precisions_in_one_process(fashion_dir, tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT.with_name("throughput.py")), "--data-dir", str(fashion_dir),
+                          "--steps", "3", "--warmup", "1", "--repeats", "1", "--val-size", "100"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rates = dict(re.findall(r"^\s*(\S+ +\S+): +(\d+) samples/s", out.stdout, re.M))
+    assert {" ".join(k.split()) for k in rates} == {"ours 32", "loop-dl 32", "loop-mem 32", "ours bf16-mixed", "loop-mem bf16-mixed"}
+    ratios = dict(re.findall(r"^(.+) = ([\d.]+)$", out.stdout, re.M))
+    assert {"ours / loop-mem (32)", "ours / loop-mem (bf16-mixed)", "ours bf16-mixed / ours 32"} <= set(ratios)
+    assert all(float(v) > 0 for v in ratios.values())
+
+
+@pytest.mark.skipif(not MNIST_SAMPLE.is_dir(), reason="the real MNIST sample comes with shared/ beside the checkout")
+def test_dim_reduction_benchmark_tables_the_map_against_pca_and_tsne(tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT.with_name("dim_reduction.py")), "--datasets", "mnist-sample", "--minutes", "0.2"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.stdout.splitlines() if line.startswith("| ")}
+    for method in ("AAE map W y + z", "PCA (fit on the training split)", "t-SNE"):
+        knn, trust = map(float, re.findall(r"\| ([\d.]+) ", rows[method])[:2])
+        assert 0.1 < knn <= 1 and 0.5 < trust <= 1, rows[method]
+    assert "cannot" in rows["t-SNE"]

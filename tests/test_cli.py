@@ -31,7 +31,7 @@ def last_checkpoint(root: Path) -> Path:
 
 def fewer_labels(config: Path) -> list[str]:
     """The tiny datasets have 50 training images per class."""
-    num_labeled = yaml.safe_load(config.read_text())["data"]["init_args"].get("num_labeled")
+    num_labeled = (yaml.safe_load(config.read_text())["data"].get("init_args") or {}).get("num_labeled")
     return ["--data.num_labeled=100"] if num_labeled else []
 
 
