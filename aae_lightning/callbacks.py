@@ -5,6 +5,9 @@ They run on rank zero only, every ``every_n_epochs`` validation epochs (the firs
 and read what the validation steps already returned instead of encoding the data again.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
@@ -30,6 +33,15 @@ def log_images(trainer: L.Trainer, images: dict[str, Image.Image]) -> None:
             for key, image in images.items():
                 logger.log_image(key=key, images=[image], step=trainer.global_step)
     save_images(images, run_directory(trainer) / "figures", suffix=f"_epoch{trainer.current_epoch:04d}")
+
+
+@contextmanager
+def figure_rng() -> Iterator[None]:
+    """Figures draw (prior samples, randomized PCA) from their own seeded stream: drawing them never
+    changes the training run's random numbers, and every epoch's samples use the same draws."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(0)
+        yield
 
 
 def draws_this_epoch(trainer: L.Trainer, every_n_epochs: int) -> bool:
@@ -70,7 +82,8 @@ class _ValidationFigures(L.Callback):
         if self._active(trainer) and self._collected:
             outputs = {k: torch.cat([c[k] for c in self._collected]) for k in self._collected[0]}
             self._collected = []
-            log_images(trainer, self.draw(pl_module, outputs))
+            with figure_rng():
+                log_images(trainer, self.draw(pl_module, outputs))
 
     def draw(self, pl_module, outputs: dict[str, torch.Tensor]) -> dict[str, Image.Image]:
         raise NotImplementedError
@@ -125,7 +138,8 @@ class PriorSamples(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if draws_this_epoch(trainer, self.every_n_epochs):
-            log_images(trainer, prior_samples(pl_module, self.num_samples))
+            with figure_rng():
+                log_images(trainer, prior_samples(pl_module, self.num_samples))
 
 
 class StyleGrid(L.Callback):
@@ -144,4 +158,5 @@ class StyleGrid(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if draws_this_epoch(trainer, self.every_n_epochs):
-            log_images(trainer, style_content_grid(pl_module, self.content_code, self.num_styles))
+            with figure_rng():
+                log_images(trainer, style_content_grid(pl_module, self.content_code, self.num_styles))

@@ -33,6 +33,9 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message="The dirpath has changed from")
     # predict's rows carry their dataset index (our loaders batch by index, without a sampler)
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
+    # manual optimization + every_n_train_steps: Lightning offers to save the weights from before
+    # the step; a resumable checkpoint wants them after it, as they are
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
     # the figures verb hands the CLI the arguments it does not take itself, not sys.argv
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     # Lightning 2.6 advertises its hosted logger at every start; this project logs to W&B

@@ -27,6 +27,9 @@ def run_benchmark(config: str, data: list[str], cli_args: list[str], cwd: Path) 
 def test_clustering_benchmark_trains_once_per_seed_and_summarises_the_test_figures(fashion_dir, tmp_path):
     lines = run_benchmark("clustering_fashion.yaml", ["--data-dir", str(fashion_dir)], ["--data.val_size=100"], tmp_path)
     assert [line for line in lines if line.startswith("seed ")] == ["seed 0", "seed 1"]
+    # time-to-quality: per seed, when the headline metric first reached each level
+    reached = [line for line in lines if line.startswith("time to val/purity >= 0.7: ")]
+    assert len(reached) == 2 and all(re.search(r">= 0.95: (\d+ s \(epoch 0\)|not reached)", line) for line in reached)
     tests = [dict(re.findall(r"(\w+)=([\d.]+)", line)) for line in lines if line.startswith("test purity")]
     assert len(tests) == 2
     # different seeds, different initial weights: the two runs end apart

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -118,3 +119,54 @@ def test_offline_runs_keep_checkpoints_local_even_with_log_model(mnist_dir, offl
     assert last_checkpoint(offline_wandb).is_file()
     (run,) = offline_runs(offline_wandb)
     assert not list(run.dir.rglob("*.ckpt")) and not list((offline_wandb / "runs").rglob("artifacts/*"))
+
+
+def test_run_defaults_are_on_without_being_in_the_config_and_can_be_removed(capsys):
+    """What every run needs comes from the CLI's defaults: --print_config shows it, a flag removes it."""
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(CONFIGS / "clustering.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert "callbacks" not in yaml.safe_load((CONFIGS / "clustering.yaml").read_text())["trainer"]
+    callbacks = [c["class_path"] for c in printed["trainer"]["callbacks"]]
+    assert callbacks == ["aae_lightning.InterruptCheckpoint", "aae_lightning.BestCheckpoint", "lightning.pytorch.callbacks.ModelCheckpoint"]
+    assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
+    assert printed["trainer"]["plugins"][0]["class_path"] == "aae_lightning.AtomicCheckpointIO"
+    assert printed["seed_everything"] == 0
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(CONFIGS / "clustering.yaml"), "--trainer.callbacks=[]", "--trainer.logger=false", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["callbacks"] == [] and printed["trainer"]["logger"] is False
+
+
+@pytest.mark.parametrize("config, monitor, figures", [
+    ("basic.yaml", ("val/recon_loss", "min"), {"PriorSamples", "LatentPlot"}),
+    ("clustering.yaml", ("val/purity", "max"), {"PriorSamples", "LatentPlot", "ClusterGrid", "StyleGrid"}),
+    ("semi_supervised_mnist_100.yaml", ("val/error", "min"), {"PriorSamples", "LatentPlot", "ClusterGrid", "StyleGrid"}),
+    ("supervised.yaml", ("val/recon_loss", "min"), {"PriorSamples", "LatentPlot", "StyleGrid"}),
+    ("dim_reduction_2d.yaml", ("val/purity", "max"), {"PriorSamples", "LatentPlot", "ClusterGrid", "StyleGrid", "RepresentationMap"}),
+])
+def test_best_checkpoint_and_figures_follow_from_the_model(config, monitor, figures, mnist_dir):
+    cli = cli_main(["--config", str(CONFIGS / config), f"--data.data_dir={mnist_dir}", "--data.download=false",
+                    "--data.val_size=100", "--trainer.logger=false"], run=False)
+    assert cli.model.monitor_metric() == monitor
+    best = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "BestCheckpoint")
+    best.setup(cli.trainer, cli.model, "fit")
+    assert (best.monitor, best.mode) == monitor
+    cli.model.trainer = cli.trainer
+    assert {type(cb).__name__ for cb in cli.model.configure_callbacks()} == figures
+    assert all(cb.every_n_epochs == 5 for cb in cli.model.configure_callbacks())
+    cli.model.figures_every_n_epochs = 0
+    assert cli.model.configure_callbacks() == []
+
+
+def test_drawing_figures_does_not_change_the_training_run(mnist_dir):
+    """The figures draw from their own random stream: a run with them ends with the same weights."""
+    def weights(every: int) -> dict:
+        cli = cli_main(["--config", str(CONFIGS / "clustering.yaml"), f"--data.data_dir={mnist_dir}", *TINY, "--trainer.max_epochs=2",
+                        "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+                        f"--model.init_args.figures_every_n_epochs={every}"], run=False)
+        cli.trainer.fit(cli.model, cli.datamodule)
+        return cli.model.state_dict()
+
+    drawn, plain = weights(1), weights(0)
+    assert all(torch.equal(drawn[k], plain[k]) for k in plain)

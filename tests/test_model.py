@@ -139,3 +139,22 @@ def test_batch_norm_encoder_depends_on_the_batch_in_training_only():
     encoder.eval()
     first = [encoder(torch.cat([image, o]))[0] for o in others]
     assert torch.allclose(*first)
+
+
+def test_bf16_mixed_keeps_codes_logits_and_losses_in_fp32_and_learns():
+    """Under bf16 autocast the matrix products run in bf16; the softmax, the discriminators'
+    logits and the losses stay in fp32, and the model still learns."""
+    torch.manual_seed(0)
+    x, y = synthetic()
+    model = small_model([LatentCode("y", CategoricalPrior(10)), LatentCode("z", GaussianPrior(dim=4))])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = model.encode(x[:8])
+        assert model.encoder(x[:8]).dtype == torch.bfloat16  # the net itself does run in bf16
+        assert all(v.dtype == torch.float32 for v in codes.values())
+        assert model.decode_logits(codes).dtype == torch.float32
+        assert model._discriminate(model.codes[0], codes["y"], y[:8]).dtype == torch.float32
+    before = reconstruction_mse(model, x)
+    trainer = L.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, precision="bf16-mixed")
+    trainer.fit(model, TensorBatches((x, y), 100, shuffle=True))
+    assert reconstruction_mse(model, x) < 0.5 * before
