@@ -106,8 +106,9 @@ class AdversarialAutoencoder(L.LightningModule):
         names = [c.name for c in codes]
         if len(set(names)) != len(names):
             raise ValueError(f"AdversarialAutoencoder: code names must be unique, got {names}")
+        lr_heads = lr if lr_heads is None else lr_heads
         for name, value in (("lr", lr), ("lr_discriminator", lr_discriminator), ("lr_generator", lr_generator), ("lr_supervised", lr_supervised),
-                            ("lr_heads", lr if lr_heads is None else lr_heads)):
+                            ("lr_heads", lr_heads)):
             if value <= 0:
                 raise ValueError(f"AdversarialAutoencoder: {name} must be > 0, got {value}")
         for name, value in (("discriminator_noise", discriminator_noise), ("input_noise", input_noise)):
@@ -164,7 +165,7 @@ class AdversarialAutoencoder(L.LightningModule):
         })
         self.recon_loss = recon_loss
         self.lr, self.lr_discriminator, self.lr_generator = lr, lr_discriminator, lr_generator
-        self.lr_heads = lr if lr_heads is None else lr_heads
+        self.lr_heads = lr_heads
         self.betas = tuple(betas)
         self.lr_milestones, self.lr_gamma = list(lr_milestones), lr_gamma
         self.discriminator_noise = discriminator_noise
