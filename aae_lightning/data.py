@@ -436,6 +436,3 @@ class ImageFolderDataModule(ImageDataModule):
     def example_names(self, split):
         folder = self.folders[split != "test"]
         return [str(p.relative_to(folder)) for p in self.scans[split != "test"][0]]
-
-    def find_files(self):
-        return self.folders

@@ -87,13 +87,14 @@ def head_code(model):
 
 
 @torch.no_grad()
-def map_coordinates(model, codes: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoder's map W y + z of each example and the heads (rows of W), in 2-D: as they are
-    for a 2-D map; for more dimensions through the linear map (least squares through the heads)
-    that puts the heads evenly on a circle, as the paper shows its 10-D map."""
+def map_coordinates(model, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's map W y + z of each example of ``outputs`` and the heads (rows of W), in 2-D:
+    as they are for a 2-D map; for more dimensions through the linear map (least squares through
+    the heads) that puts the heads evenly on a circle, as the paper shows its 10-D map."""
     c = head_code(model)
     heads = model.head_matrix(c.name).detach().float().cpu()
-    points = codes[c.added_to].float().cpu() + codes[c.name].float().cpu() @ heads
+    codes = {k.removeprefix("code/"): v.to(model.device) for k, v in outputs.items() if k.startswith("code/")}
+    points = model.decoder_parts(codes)[c.added_to].float().cpu()
     if heads.shape[1] == 2:
         return points, heads
     angle = torch.arange(len(heads)) * (2 * torch.pi / len(heads))
@@ -107,7 +108,7 @@ def representation_map(model, outputs: dict[str, torch.Tensor]) -> dict[str, Ima
     c = head_code(model)
     if c is None:
         return {}
-    points, heads = map_coordinates(model, {k[5:]: v for k, v in outputs.items() if k.startswith("code/")})
+    points, heads = map_coordinates(model, outputs)
     fig, ax = plt.subplots(figsize=(7, 7))
     labels = outputs["labels"]
     scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.clamp(min=0), cmap="tab10", s=3, alpha=0.6)
@@ -201,7 +202,7 @@ def main(argv: list[str]) -> None:
     from aae_lightning.checkpointing import CheckpointError, check_ckpt_path, check_matches, load_checkpoint
     from aae_lightning.cli import cli_main
     from aae_lightning.data import DataError
-    from aae_lightning.predictions import checkpoint_run_directory
+    from aae_lightning.runs import checkpoint_run_directory
 
     parser = argparse.ArgumentParser(prog="python -m aae_lightning figures", description=main.__doc__)
     parser.add_argument("--ckpt_path", required=True, help="the trained model")
@@ -211,13 +212,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--num_styles", type=int, default=10, help="rows of the samples per cluster / class")
     parser.add_argument("--seed", type=int, default=0, help="of the prior samples")
     opts, cli_args = parser.parse_known_args(argv)
-    try:
-        check_ckpt_path(opts.ckpt_path, "figures")
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     cli = cli_main(cli_args, run=False)
     try:
+        check_ckpt_path(opts.ckpt_path, "figures")
         checkpoint = load_checkpoint(opts.ckpt_path)
         check_matches(checkpoint, cli.model, opts.ckpt_path)
         cli.model.load_state_dict(checkpoint["state_dict"])

@@ -208,13 +208,17 @@ class AdversarialAutoencoder(L.LightningModule):
         """W of a code that is added to another one: one row (head) per category."""
         return self.heads[name] if name in self.heads else getattr(self, f"fixed_heads_{name}")
 
-    def decoder_input(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The codes side by side, each code with ``added_to`` entering as W code + the other."""
+    def decoder_parts(self, codes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the decoder sees, by code: each code with ``added_to`` enters the other as W code + other."""
         parts = {c.name: codes[c.name] for c in self.codes if c.added_to is None}
         for c in self.codes:
             if c.added_to is not None:
                 parts[c.added_to] = parts[c.added_to] + codes[c.name] @ self.head_matrix(c.name)
-        return torch.cat(list(parts.values()), dim=1)
+        return parts
+
+    def decoder_input(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The decoder's parts side by side."""
+        return torch.cat(list(self.decoder_parts(codes).values()), dim=1)
 
     def decode_logits(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.decoder(self.decoder_input(codes)).float()

@@ -7,15 +7,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from aae_lightning.runs import run_directory
-
-
-def checkpoint_run_directory(ckpt_path: str | None) -> Path | None:
-    """The run a checkpoint belongs to: the folder above its ``checkpoints/``, else its own folder."""
-    if not ckpt_path:
-        return None
-    folder = Path(ckpt_path).resolve().parent
-    return folder.parent if folder.name == "checkpoints" else folder
+from aae_lightning.runs import checkpoint_run_directory, run_directory
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -32,7 +24,6 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output_dir: str | None = None):
         super().__init__(write_interval="epoch")
         self.output_dir = output_dir
-        self.last_path: Path | None = None
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
         columns = self._columns(predictions)
@@ -51,13 +42,13 @@ class PredictionWriter(BasePredictionWriter):
         path = folder / "predictions" / f"{split}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write(path, columns, pl_module, names)
-        self.last_path = path
         print(f"predict: wrote {len(order)} rows to {path}", flush=True)
 
     @staticmethod
     def _columns(predictions) -> dict[str, torch.Tensor]:
         keys = ["index", "labels", *(f"code/{k}" for k in predictions[0]["codes"])] if predictions else []
-        return {k: torch.cat([p[k] if "/" not in k else p["codes"][k[5:]].float() for p in predictions]).cpu() for k in keys}
+        return {k: torch.cat([p["codes"][k.removeprefix("code/")].float() if k.startswith("code/") else p[k] for p in predictions]).cpu()
+                for k in keys}
 
     @staticmethod
     def _write(path: Path, columns: dict[str, torch.Tensor], model, names: list[str] | None) -> None:

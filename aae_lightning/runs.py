@@ -19,6 +19,14 @@ def run_directory(trainer: L.Trainer) -> Path:
     return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version if isinstance(version, str) else f"version_{version}")
 
 
+def checkpoint_run_directory(ckpt_path: str | None) -> Path | None:
+    """The run a checkpoint belongs to: the folder above its ``checkpoints/``, else its own folder."""
+    if not ckpt_path:
+        return None
+    folder = Path(ckpt_path).resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
 def wandb_run_lines(trainer: L.Trainer) -> list[str]:
     """Where the W&B run is: its URL online, its folder and the ``wandb sync`` line offline."""
     lines = []

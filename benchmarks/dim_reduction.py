@@ -39,7 +39,7 @@ def scores(name: str, points: np.ndarray, flat: np.ndarray, labels: np.ndarray, 
 
 def aae_map(model, images: torch.Tensor) -> np.ndarray:
     outputs = encode_split(model, images, torch.full((len(images),), -1))
-    points, _ = map_coordinates(model, {k[5:]: v for k, v in outputs.items() if k.startswith("code/")})
+    points, _ = map_coordinates(model, outputs)
     return points.numpy()
 
 

@@ -48,7 +48,7 @@ def test_decoder_sees_heads_times_y_plus_z():
 def test_fixed_heads_are_scale_times_identity_and_not_trained():
     m = model(k=4, n=4, head_scale=10, learned_heads=False)
     assert torch.equal(m.head_matrix("y"), 10 * torch.eye(4)) and len(m.heads) == 0
-    points, heads = map_coordinates(m, {"y": torch.eye(4), "z": torch.zeros(4, 4)})
+    points, heads = map_coordinates(m, {"code/y": torch.eye(4), "code/z": torch.zeros(4, 4)})
     # shown in 2-D with the heads evenly on the unit circle
     assert torch.allclose(heads.norm(dim=1), torch.ones(4), atol=1e-5) and torch.allclose(points, heads, atol=1e-5)
 
@@ -84,7 +84,7 @@ def test_short_fit_separates_classes_in_the_2d_map(mnist_dir, offline_wandb):
     cli.trainer.fit(cli.model, cli.datamodule)
     images, labels = cli.datamodule.splits["val"]
     outputs = encode_split(cli.model, images, labels)
-    points, heads = map_coordinates(cli.model, {k[5:]: v for k, v in outputs.items() if k.startswith("code/")})
+    points, heads = map_coordinates(cli.model, outputs)
     accuracy = cross_val_score(KNeighborsClassifier(5), points.numpy(), labels.numpy(), cv=5).mean()
     assert accuracy > 0.6, accuracy  # chance: 0.1
     assert head_cost.loss(cli.model, None, None).item() < 0.8 * before  # the heads move apart
