@@ -6,10 +6,11 @@ from aae_lightning.priors import Prior
 
 
 class LatentCode:
-    """One named part of the latent space.
+    """One part of the latent space. Its name (``y``, ``z``, ...) is its key in the model's
+    ``codes``: the key of the code in ``model.encode(x)``, in logged metrics and on the command
+    line (``--model.codes.y.prior.num_classes=30``).
 
     Args:
-        name: key of the code in ``model.encode(x)`` and in logged metrics (``y``, ``z``, ...).
         prior: the distribution the aggregated posterior of this code is matched to.
         weight: scale of this code's adversarial loss in the generator phase.
         source: ``encoder`` (the encoder infers the code, a discriminator regularizes it) or
@@ -27,24 +28,22 @@ class LatentCode:
             two codes of equal size: the paper's 10-D semi-supervised map).
     """
 
-    def __init__(self, name: str, prior: Prior, weight: float = 1.0, source: Literal["encoder", "label"] = "encoder", conditioned: bool = False,
+    # set by the model from the code's key
+    name: str = ""
+
+    def __init__(self, prior: Prior, weight: float = 1.0, source: Literal["encoder", "label"] = "encoder", conditioned: bool = False,
                  added_to: str | None = None, head_scale: float = 1.0, learned_heads: bool = True):
-        if not name.isidentifier():
-            raise ValueError(f"LatentCode: name must be an identifier such as 'y' or 'z', got {name!r}")
         if weight < 0:
-            raise ValueError(f"LatentCode {name!r}: weight must be >= 0, got {weight}")
+            raise ValueError(f"LatentCode: weight must be >= 0, got {weight}")
         if source not in ("encoder", "label"):
-            raise ValueError(f"LatentCode {name!r}: source must be 'encoder' or 'label', got {source!r}")
+            raise ValueError(f"LatentCode: source must be 'encoder' or 'label', got {source!r}")
         if source == "label" and (not prior.num_classes or conditioned):
-            raise ValueError(f"LatentCode {name!r}: a code taken from the label needs a categorical prior and no conditioning")
+            raise ValueError("LatentCode: a code taken from the label needs a categorical prior and no conditioning")
         if conditioned and prior.num_parts is None:
-            raise ValueError(f"LatentCode {name!r}: conditioned=True needs a prior whose parts labels can pick "
+            raise ValueError(f"LatentCode: conditioned=True needs a prior whose parts labels can pick "
                              f"(mixture, swiss roll, categorical), got {prior!r}")
         if head_scale <= 0:
-            raise ValueError(f"LatentCode {name!r}: head_scale must be > 0, got {head_scale}")
-        if added_to == name:
-            raise ValueError(f"LatentCode {name!r}: added_to must name another code")
-        self.name = name
+            raise ValueError(f"LatentCode: head_scale must be > 0, got {head_scale}")
         self.prior = prior
         self.weight = weight
         self.source = source
@@ -63,7 +62,7 @@ class LatentCode:
         return self.source == "encoder"
 
     def __repr__(self) -> str:
-        return (f"LatentCode(name={self.name!r}, prior={self.prior!r}, weight={self.weight}, "
+        return (f"LatentCode(prior={self.prior!r}, weight={self.weight}, "
                 f"source={self.source!r}, conditioned={self.conditioned}"
                 + (f", added_to={self.added_to!r}, head_scale={self.head_scale}, learned_heads={self.learned_heads}" if self.added_to else "")
                 + ")")

@@ -35,7 +35,9 @@ class AdversarialAutoencoder(L.LightningModule):
     codes fake) and the generator step (the encoder tries to fool the discriminators).
 
     Args:
-        codes: the latent codes, in the order the decoder sees them concatenated.
+        codes: the latent codes by name, in the order the decoder sees them concatenated. Keyed
+            by name so that one setting of one code is one command-line flag or sweep parameter
+            (``--model.codes.y.prior.num_classes=30``).
         input_shape: image shape (C, H, W); linked from the DataModule by the CLI.
         num_classes: number of label classes; linked from the DataModule by the CLI. 0: the data
             has no labels (a flat folder of images): no metrics need them, figures still drawn.
@@ -77,7 +79,7 @@ class AdversarialAutoencoder(L.LightningModule):
 
     def __init__(
         self,
-        codes: list[LatentCode],
+        codes: dict[str, LatentCode],
         input_shape: Sequence[int] = (1, 28, 28),
         num_classes: int = 10,
         encoder: EncoderFactory | None = None,
@@ -103,9 +105,14 @@ class AdversarialAutoencoder(L.LightningModule):
         super().__init__()
         if not codes:
             raise ValueError("AdversarialAutoencoder: give at least one latent code")
-        names = [c.name for c in codes]
-        if len(set(names)) != len(names):
-            raise ValueError(f"AdversarialAutoencoder: code names must be unique, got {names}")
+        names = list(codes)
+        for name, c in codes.items():
+            if not name.isidentifier():
+                raise ValueError(f"AdversarialAutoencoder: a code's name must be an identifier such as 'y' or 'z', got {name!r}")
+            if c.added_to == name:
+                raise ValueError(f"AdversarialAutoencoder: code {name!r} has added_to={name!r}, which must name another code")
+            c.name = name
+        self.codes = list(codes.values())
         lr_heads = lr if lr_heads is None else lr_heads
         for name, value in (("lr", lr), ("lr_discriminator", lr_discriminator), ("lr_generator", lr_generator), ("lr_supervised", lr_supervised),
                             ("lr_heads", lr_heads)):
@@ -114,16 +121,16 @@ class AdversarialAutoencoder(L.LightningModule):
         for name, value in (("discriminator_noise", discriminator_noise), ("input_noise", input_noise)):
             if value < 0:
                 raise ValueError(f"AdversarialAutoencoder: {name} must be >= 0, got {value}")
-        if not any(c.inferred for c in codes):
+        if not any(c.inferred for c in self.codes):
             raise ValueError("AdversarialAutoencoder: at least one code must come from the encoder (source='encoder')")
-        for c in codes:
+        for c in self.codes:
             parts = c.prior.num_classes if not c.inferred else c.prior.num_parts if c.conditioned else num_classes
             if parts != num_classes:
                 raise ValueError(
                     f"AdversarialAutoencoder: code {c.name!r} ({'taken from the label' if not c.inferred else 'label-conditioned'}) "
                     f"has a prior with {parts} parts but the data has {num_classes} classes: {c.prior!r}"
                 )
-        categorical = [c.name for c in codes if c.prior.num_classes and c.inferred]
+        categorical = [c.name for c in self.codes if c.prior.num_classes and c.inferred]
         if cluster_code is not None and cluster_code not in categorical:
             raise ValueError(f"AdversarialAutoencoder: cluster_code={cluster_code!r} is not one of the inferred categorical codes {categorical}")
         if supervised_code is not None:
@@ -131,10 +138,10 @@ class AdversarialAutoencoder(L.LightningModule):
                 raise ValueError(f"AdversarialAutoencoder: supervised_code={supervised_code!r} needs labelled data, but the data has no labels")
             if supervised_code not in categorical:
                 raise ValueError(f"AdversarialAutoencoder: supervised_code={supervised_code!r} is not one of the inferred categorical codes {categorical}")
-            if next(c.dim for c in codes if c.name == supervised_code) != num_classes:
+            if next(c.dim for c in self.codes if c.name == supervised_code) != num_classes:
                 raise ValueError(f"AdversarialAutoencoder: supervised_code={supervised_code!r} must have one category per class ({num_classes})")
-        by_name = {c.name: c for c in codes}
-        for c in codes:
+        by_name = {c.name: c for c in self.codes}
+        for c in self.codes:
             if c.added_to is None:
                 continue
             target = by_name.get(c.added_to)
@@ -146,22 +153,21 @@ class AdversarialAutoencoder(L.LightningModule):
                                  f"{c.added_to!r} of the same size ({c.dim}), got {target.dim}")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.codes = list(codes)
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
-        self.encoder = (encoder or MLPEncoder)(self.input_shape, sum(c.dim for c in codes if c.inferred))
-        self.decoder = (decoder or MLPDecoder)(sum(c.dim for c in codes if c.added_to is None), self.input_shape)
+        self.encoder = (encoder or MLPEncoder)(self.input_shape, sum(c.dim for c in self.codes if c.inferred))
+        self.decoder = (decoder or MLPDecoder)(sum(c.dim for c in self.codes if c.added_to is None), self.input_shape)
         # a code added to another one reaches the decoder through its heads W (rows: one per
         # category), learned with the autoencoder or fixed to scale x I
         self.heads = nn.ParameterDict({c.name: nn.Parameter(c.head_scale * torch.randn(c.dim, by_name[c.added_to].dim))
-                                       for c in codes if c.added_to is not None and c.learned_heads})
-        for c in codes:
+                                       for c in self.codes if c.added_to is not None and c.learned_heads})
+        for c in self.codes:
             if c.added_to is not None and not c.learned_heads:
                 self.register_buffer(f"fixed_heads_{c.name}", c.head_scale * torch.eye(c.dim))
         # a conditioned discriminator also sees the label: one-hot over the classes plus "unlabelled"
         self.discriminators = nn.ModuleDict({
             c.name: Discriminator(c.dim + (num_classes + 1 if c.conditioned else 0), discriminator_hidden)
-            for c in codes if c.inferred
+            for c in self.codes if c.inferred
         })
         self.recon_loss = recon_loss
         self.lr, self.lr_discriminator, self.lr_generator = lr, lr_discriminator, lr_generator
@@ -184,7 +190,7 @@ class AdversarialAutoencoder(L.LightningModule):
             raise ValueError(f"AdversarialAutoencoder: figures_every_n_epochs must be >= 0, got {figures_every_n_epochs}")
         self.figures_every_n_epochs = figures_every_n_epochs
         if self.cluster_code is not None and num_classes > 0:
-            k = next(c.dim for c in codes if c.name == self.cluster_code)
+            k = next(c.dim for c in self.codes if c.name == self.cluster_code)
             self.cluster_metrics = nn.ModuleDict({s: ClusterMetrics(k, num_classes, f"{s}/") for s in ("val", "test")})
         if supervised_code is not None:
             self.accuracy = nn.ModuleDict({s: MulticlassAccuracy(num_classes, average="micro") for s in ("val", "test")})

@@ -35,11 +35,6 @@ from aae_lightning.nets import Discriminator, MLPDecoder, MLPEncoder
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "clustering.yaml"
 HIDDEN = (1000, 1000)
 K, STYLE = 16, 5
-CODES = (
-    "[{class_path: aae_lightning.LatentCode, init_args: {name: y, prior: {class_path: aae_lightning.CategoricalPrior,"
-    f" init_args: {{num_classes: {K}}}}}}}}}, {{class_path: aae_lightning.LatentCode, init_args: {{name: z, prior:"
-    f" {{class_path: aae_lightning.GaussianPrior, init_args: {{dim: {STYLE}}}}}}}}}]"
-)
 
 
 def linear_macs(module: torch.nn.Module) -> int:
@@ -148,7 +143,7 @@ def time_ours(data_dir: str, batch_size: int, steps: int, warmup: int, precision
     timer = StepTimer(warmup)
     cli = cli_main(["--config", str(CONFIG), "--data=aae_lightning.FashionMNISTDataModule",
                     f"--data.data_dir={data_dir}", "--data.download=false", f"--data.batch_size={batch_size}", f"--data.val_size={val_size}",
-                    f"--model.init_args.codes={CODES}", "--model.init_args.discriminator_noise=0",
+                    f"--model.codes.y.prior.num_classes={K}", f"--model.codes.z.prior.dim={STYLE}", "--model.init_args.discriminator_noise=0",
                     "--model.init_args.input_noise=0", "--model.init_args.terms=[]",
                     "--model.init_args.encoder=aae_lightning.nets.MLPEncoder",
                     f"--trainer.max_steps={3 * (steps + warmup)}", "--trainer.limit_val_batches=0",

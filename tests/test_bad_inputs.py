@@ -34,15 +34,15 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
-def codes_config(tmp_path: Path, *codes: dict) -> str:
+def codes_config(tmp_path: Path, *codes: tuple[str, dict]) -> str:
     path = tmp_path / "codes.yaml"
-    path.write_text(yaml.safe_dump({"model": {"init_args": {"codes": list(codes)}}}))
+    path.write_text(yaml.safe_dump({"model": {"init_args": {"codes": dict(codes)}}}, sort_keys=False))
     return str(path)
 
 
-def code(name, prior, conditioned=False, **prior_args) -> dict:
-    return {"class_path": "aae_lightning.LatentCode",
-            "init_args": {"name": name, "conditioned": conditioned, "prior": {"class_path": f"aae_lightning.{prior}", "init_args": prior_args}}}
+def code(name, prior, conditioned=False, **prior_args) -> tuple[str, dict]:
+    return name, {"class_path": "aae_lightning.LatentCode",
+                  "init_args": {"conditioned": conditioned, "prior": {"class_path": f"aae_lightning.{prior}", "init_args": prior_args}}}
 
 
 # ---- configs ------------------------------------------------------------------------------------
@@ -72,11 +72,11 @@ def test_missing_config_file(capsys):
 @pytest.mark.parametrize("codes, message", [
     ((code("y", "CategoricalPrior", num_classes=1), code("z", "GaussianPrior", dim=5)), "num_classes must be >= 2, got 1"),
     ((code("y", "CategoricalPrior", num_classes=16), code("z", "GaussianPrior", dim=0)), "dim must be >= 1, got 0"),
-    ((code("y", "CategoricalPrior", num_classes=16), code("y", "GaussianPrior", dim=5)), "code names must be unique"),
+    ((code("y", "CategoricalPrior", num_classes=16), code("style z", "GaussianPrior", dim=5)), "a code's name must be an identifier"),
     ((code("z", "GaussianMixturePrior", conditioned=True, num_components=16),),
      "code 'z' (label-conditioned) has a prior with 16 parts but the data has 10 classes"),
     ((code("z", "GaussianPrior", conditioned=True, dim=2),), "conditioned=True needs a prior whose parts labels can pick"),
-], ids=["K<2", "latent-dim<1", "duplicate-code", "mixture-parts-vs-classes", "gaussian-cannot-be-conditioned"])
+], ids=["K<2", "latent-dim<1", "code-name-with-a-space", "mixture-parts-vs-classes", "gaussian-cannot-be-conditioned"])
 def test_invalid_codes(codes, message, tmp_path, mnist_dir, capsys):
     code_, err = run_cli(["fit", "--config", CLUSTERING, "--config", codes_config(tmp_path, *codes),
                           f"--data.data_dir={mnist_dir}", *QUICK], capsys)

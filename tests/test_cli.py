@@ -73,6 +73,17 @@ def test_model_overrides_reach_the_module(mnist_dir, capsys):
     assert printed["lr"] == 0.0003 and printed["encoder"]["init_args"]["hidden"] == [64]
 
 
+def test_one_flag_changes_one_code_and_the_model_follows(mnist_dir):
+    cli = cli_main(["--config", str(CONFIGS / "clustering.yaml"), f"--data.data_dir={mnist_dir}", "--data.download=false",
+                    "--model.codes.y.prior.num_classes=30", "--model.init_args.codes.z.init_args.prior.init_args.dim=7",
+                    "--trainer.logger=false"], run=False)
+    model = cli.model
+    assert [(c.name, c.dim) for c in model.codes] == [("y", 30), ("z", 7)]
+    codes = model.encode(torch.rand(3, 1, 28, 28))
+    assert codes["y"].shape == (3, 30) and codes["z"].shape == (3, 7)
+    assert model.discriminators["y"].net[0].in_features == 30 and model.cluster_metrics["val"].table["val/purity"].num_clusters == 30
+
+
 def test_unknown_config_key_fails_with_a_clear_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(CONFIGS / "basic.yaml"), "--model.init_args.learning_rate=0.1"])

@@ -14,7 +14,7 @@ DIM_CONFIGS = sorted(CONFIGS.glob("dim_reduction*.yaml"))
 
 
 def model(k: int = 3, n: int = 2, terms=(), **head) -> AdversarialAutoencoder:
-    codes = [LatentCode("y", CategoricalPrior(k), added_to="z", **head), LatentCode("z", GaussianPrior(n))]
+    codes = {"y": LatentCode(CategoricalPrior(k), added_to="z", **head), "z": LatentCode(GaussianPrior(n))}
     return AdversarialAutoencoder(codes, terms=list(terms))
 
 
@@ -60,12 +60,12 @@ def test_fixed_heads_need_codes_of_one_size():
 
 def test_head_cost_needs_heads():
     with pytest.raises(ValueError, match="needs cluster heads"):
-        AdversarialAutoencoder([LatentCode("y", CategoricalPrior(3)), LatentCode("z", GaussianPrior(2))], terms=[HeadSeparation(1.0)])
+        AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(3)), "z": LatentCode(GaussianPrior(2))}, terms=[HeadSeparation(1.0)])
 
 
 def test_added_to_must_name_another_code():
     with pytest.raises(ValueError, match="added_to='w'"):
-        AdversarialAutoencoder([LatentCode("y", CategoricalPrior(3), added_to="w"), LatentCode("z", GaussianPrior(2))])
+        AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(3), added_to="w"), "z": LatentCode(GaussianPrior(2))})
 
 
 @pytest.mark.parametrize("config", DIM_CONFIGS, ids=[c.stem for c in DIM_CONFIGS])

@@ -62,7 +62,7 @@ def reconstruction_mse(model, x):
 def test_basic_aae_learns_and_matches_the_prior():
     torch.manual_seed(0)
     x, y = synthetic()
-    model = small_model([LatentCode("z", GaussianPrior(dim=4))])
+    model = small_model({"z": LatentCode(GaussianPrior(dim=4))})
     before = reconstruction_mse(model, x)
     audit = OptimizerAudit()
     trainer = L.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -80,7 +80,7 @@ def test_basic_aae_learns_and_matches_the_prior():
 def test_each_phase_updates_only_its_own_parameters():
     torch.manual_seed(0)
     x, y = synthetic(200)
-    model = small_model([LatentCode("y", CategoricalPrior(4)), LatentCode("z", GaussianPrior(3))])
+    model = small_model({"y": LatentCode(CategoricalPrior(4)), "z": LatentCode(GaussianPrior(3))})
     audit = OptimizerAudit(steps=9)
     trainer = L.Trainer(max_steps=9, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[audit])
@@ -93,7 +93,7 @@ def test_each_phase_updates_only_its_own_parameters():
 
 
 def test_codes_are_split_and_activated_by_their_priors():
-    model = small_model([LatentCode("y", CategoricalPrior(5)), LatentCode("z", GaussianPrior(3))])
+    model = small_model({"y": LatentCode(CategoricalPrior(5)), "z": LatentCode(GaussianPrior(3))})
     codes = model.encode(torch.rand(7, 1, 28, 28))
     assert codes["y"].shape == (7, 5) and torch.allclose(codes["y"].sum(1), torch.ones(7))
     assert codes["z"].shape == (7, 3)
@@ -110,12 +110,21 @@ def test_codes_are_split_and_activated_by_their_priors():
 )
 def test_invalid_model_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        small_model([LatentCode("z", GaussianPrior(2))], **kwargs)
+        small_model({"z": LatentCode(GaussianPrior(2))}, **kwargs)
 
 
-def test_duplicate_code_names_are_rejected():
-    with pytest.raises(ValueError, match="code names must be unique"):
-        small_model([LatentCode("z", GaussianPrior(2)), LatentCode("z", GaussianPrior(3))])
+@pytest.mark.parametrize("name, added_to, message", [("my code", None, "must be an identifier"), ("z", "z", "must name another code")])
+def test_bad_code_names_are_rejected(name, added_to, message):
+    with pytest.raises(ValueError, match=message):
+        small_model({name: LatentCode(CategoricalPrior(10), added_to=added_to)})
+
+
+def test_codes_take_their_names_from_their_keys_in_order():
+    model = small_model({"style": LatentCode(GaussianPrior(3)), "digit": LatentCode(CategoricalPrior(10))})
+    assert [c.name for c in model.codes] == ["style", "digit"]
+    codes = model.encode(torch.rand(4, 1, 28, 28))
+    assert codes["style"].shape == (4, 3) and codes["digit"].shape == (4, 10)
+    assert model.cluster_code == "digit"
 
 
 def test_non_finite_loss_stops_training_naming_the_phase_and_step():
@@ -123,7 +132,7 @@ def test_non_finite_loss_stops_training_naming_the_phase_and_step():
 
     x, y = synthetic(200)
     x[150:] = float("nan")  # the second batch is broken
-    model = small_model([LatentCode("z", GaussianPrior(2))])
+    model = small_model({"z": LatentCode(GaussianPrior(2))})
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(NonFiniteLossError, match=r"reconstruction loss is nan at batch 3 of epoch 0 \(global step 9\)"):
         trainer.fit(model, TensorBatches((x, y), 50, shuffle=False))
@@ -146,7 +155,7 @@ def test_bf16_mixed_keeps_codes_logits_and_losses_in_fp32_and_learns():
     logits and the losses stay in fp32, and the model still learns."""
     torch.manual_seed(0)
     x, y = synthetic()
-    model = small_model([LatentCode("y", CategoricalPrior(10)), LatentCode("z", GaussianPrior(dim=4))])
+    model = small_model({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(dim=4))})
     with torch.autocast("cpu", dtype=torch.bfloat16):
         codes = model.encode(x[:8])
         assert model.encoder(x[:8]).dtype == torch.bfloat16  # the net itself does run in bf16

@@ -74,7 +74,7 @@ def test_label_conditioned_prior_maps_each_class_to_its_component():
     y_partly_hidden = torch.where(torch.arange(len(y)) % 2 == 0, y, -1)  # half of the images unlabelled
     prior = GaussianMixturePrior(10)
     torch.manual_seed(0)
-    model = AdversarialAutoencoder([LatentCode("z", prior, conditioned=True)], encoder=partial(MLPEncoder, hidden=(256, 256)),
+    model = AdversarialAutoencoder({"z": LatentCode(prior, conditioned=True)}, encoder=partial(MLPEncoder, hidden=(256, 256)),
                                    decoder=partial(MLPDecoder, hidden=(256, 256)), discriminator_hidden=(128, 128),
                                    lr=1e-3, lr_discriminator=5e-4, lr_generator=5e-4)
     trainer = L.Trainer(max_epochs=40, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -90,7 +90,7 @@ def test_label_conditioned_prior_maps_each_class_to_its_component():
 
 def test_conditioned_prior_must_have_one_part_per_class():
     with pytest.raises(ValueError, match="has a prior with 16 parts but the data has 10 classes"):
-        AdversarialAutoencoder([LatentCode("z", GaussianMixturePrior(16), conditioned=True)], num_classes=10)
+        AdversarialAutoencoder({"z": LatentCode(GaussianMixturePrior(16), conditioned=True)}, num_classes=10)
 
 
 def test_supervised_aae_encodes_only_style_and_draws_the_style_content_grid(mnist_dir, offline_wandb):
@@ -143,7 +143,7 @@ def test_supervised_perturbation_is_applied_to_the_labelled_batch_only(mnist_dir
             return super().__call__(x, predict)
 
     perturbation = CountingAffine()
-    model = AdversarialAutoencoder([LatentCode("y", CategoricalPrior(10)), LatentCode("z", GaussianPrior(2))], supervised_code="y",
+    model = AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(2))}, supervised_code="y",
                                    supervised_perturbation=perturbation, encoder=partial(MLPEncoder, hidden=(64,)),
                                    decoder=partial(MLPDecoder, hidden=(64,)), discriminator_hidden=(16,))
     data = MNISTDataModule(mnist_dir, download=False, val_size=100, batch_size=100, num_labeled=50)

@@ -10,7 +10,7 @@ from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Co
 
 
 def model_with(*terms, k=4):
-    return AdversarialAutoencoder([LatentCode("y", CategoricalPrior(k)), LatentCode("z", GaussianPrior(2))],
+    return AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(k)), "z": LatentCode(GaussianPrior(2))},
                                   terms=list(terms), discriminator_hidden=(8,))
 
 
@@ -58,7 +58,7 @@ def test_consistency_term_is_zero_for_an_invariant_code_and_positive_otherwise()
 
 def test_terms_need_a_categorical_code():
     with pytest.raises(ValueError, match="needs one of the inferred categorical codes"):
-        AdversarialAutoencoder([LatentCode("z", GaussianPrior(2))], terms=[Balance()], discriminator_hidden=(8,))
+        AdversarialAutoencoder({"z": LatentCode(GaussianPrior(2))}, terms=[Balance()], discriminator_hidden=(8,))
     with pytest.raises(ValueError, match="weight must be >= 0"):
         Balance(weight=-1)
 
