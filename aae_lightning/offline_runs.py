@@ -5,6 +5,7 @@ offline sweep runner reads its trials' metrics with this, and the tests check ru
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -49,8 +50,11 @@ class OfflineRun:
         self.history: list[dict] = []
         self.summary: dict = {}
         self.config: dict = {}
+        # the exit record comes last, when the run has ended and everything before it is written
+        self.finished = False
         for record in read_records(log):
             kind = record.WhichOneof("record_type")
+            self.finished |= kind == "exit"
             if kind == "history":
                 self.history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
             elif kind == "summary":
@@ -67,5 +71,14 @@ class OfflineRun:
         return sorted((self.dir / "files" / "media").rglob("*.png"))
 
 
-def offline_runs(root: Path) -> list[OfflineRun]:
-    return [OfflineRun(d) for d in sorted(Path(root).rglob("offline-run-*")) if d.is_dir()]
+def offline_runs(root: Path, wait_s: float = 60.0) -> list[OfflineRun]:
+    """Every offline run under ``root`` (oldest first), read once each run's latest part has
+    finished or after ``wait_s`` seconds: W&B's service process writes the last records after
+    ``wandb.finish()`` has returned. (A killed run never finishes; its resumed part does.)"""
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = [OfflineRun(d) for d in sorted(Path(root).rglob("offline-run-*"), key=lambda d: d.name) if d.is_dir()]
+        latest = {r.id: r for r in runs}
+        if all(r.finished for r in latest.values()) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)

@@ -96,11 +96,16 @@ class OfflineSweep:
             for t in self.trials
         ]
 
-    def _read_back(self, trial: dict) -> None:
+    def _read_back(self, trial: dict, wait_s: float = 0.0) -> None:
         # the run's folder is searched for once; later polls only re-read its record log
         run = OfflineRun(trial["run_dir"]) if "run_dir" in trial else find_run(trial["id"], self.run_roots)
         if run is None:
             return
+        # an ended trial's W&B service may still be writing its last records
+        deadline = time.monotonic() + wait_s
+        while not run.finished and time.monotonic() < deadline:
+            time.sleep(0.2)
+            run = OfflineRun(run.dir)
         trial["run_dir"] = str(run.dir)
         trial["history"] = [{self.metric: v} for v in run.values(self.metric)]
         value = run.summary.get(self.metric, trial["history"][-1][self.metric] if trial["history"] else None)
@@ -137,7 +142,7 @@ class OfflineSweep:
             self.save()
             raise
         trial["exitcode"] = proc.returncode
-        self._read_back(trial)
+        self._read_back(trial, wait_s=30.0)
         trial["state"] = "finished" if proc.returncode == 0 or stopped else "failed"
         trial["stopped_early"] = stopped
         self.save()
