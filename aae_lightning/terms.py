@@ -106,3 +106,23 @@ class HeadSeparation(TrainingTerm):
         # + 1e-12: the gradient of a norm is undefined where two heads coincide
         distance = ((heads[i] - heads[j]).pow(2).sum(1) + 1e-12).sqrt()
         return F.relu(self.threshold - distance).sum()
+
+
+class PairedMutualInformation(TrainingTerm):
+    """log K - I(y; y') between the code of an image and of its perturbed copy (IIC, Ji et al.
+    2019): the joint of the pair over the batch, symmetrised, is pushed towards confident,
+    balanced and agreeing assignments at once; gradients reach both sides of the pair."""
+
+    def __init__(self, perturbation: Perturbation, weight: float = 1.0, code: str | None = None):
+        super().__init__(weight, code)
+        self.perturbation = perturbation
+
+    def loss(self, model, x, codes):
+        def predict(images):
+            return model.encode(images)[self.code]
+
+        q = codes[self.code]
+        joint = q.T @ predict(self.perturbation(x, predict)) / len(q)
+        joint = ((joint + joint.T) / 2).clamp_min(1e-8)
+        mutual = (joint * (joint.log() - joint.sum(1, keepdim=True).log() - joint.sum(0, keepdim=True).log())).sum()
+        return math.log(q.shape[1]) - mutual

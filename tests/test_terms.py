@@ -1,12 +1,13 @@
 """Training terms and perturbations against hand-checked cases."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Consistency, GaussianPrior, LatentCode,
-                           MutualInformation, RandomAffine, RandomShift, VirtualAdversarial)
+                           MutualInformation, PairedMutualInformation, RandomAffine, RandomShift, VirtualAdversarial)
 
 
 def model_with(*terms, k=4):
@@ -54,6 +55,35 @@ def test_consistency_term_is_zero_for_an_invariant_code_and_positive_otherwise()
         model.encoder[-1][-1].weight.zero_()
         model.encoder[-1][-1].bias.zero_()
     assert term.loss(model, x, model.encode(x)).abs() < 1e-6
+
+
+def test_paired_mutual_information_wants_confident_balanced_agreeing_pairs():
+    k = 4
+    identity = RandomAffine(degrees=0, scale=(1, 1), max_shift=0)
+    term = PairedMutualInformation(identity, code="y")
+    x = square_batch(12)
+
+    def pair_loss(clean, perturbed):
+        # a stand-in encoder that gives the perturbed copies their own assignments
+        return term.loss(SimpleNamespace(encode=lambda images: {"y": perturbed}), x, {"y": clean})
+
+    balanced = torch.eye(k).repeat(3, 1)
+    assert pair_loss(balanced, balanced).abs() < 1e-5  # log K - I(y; y') = 0
+    assert pair_loss(torch.full((12, k), 1 / k), balanced) == pytest.approx(math.log(k), abs=1e-5)  # uncertain
+    collapsed = torch.eye(k)[[0] * 12]
+    assert pair_loss(collapsed, collapsed) == pytest.approx(math.log(k), abs=1e-5)
+    torch.manual_seed(0)
+    assert pair_loss(balanced, torch.eye(k)[torch.randperm(12) % k]) > 0.5  # copies land anywhere
+    # the joint is symmetrised (image and copy are exchangeable), so even a fixed relabelling of the copies costs
+    assert pair_loss(balanced, balanced[torch.tensor([1, 2, 3, 0] * 3)]) > 0.5
+
+
+    # gradients reach both sides of the pair: the clean codes and the encoder through the copy
+    model = model_with(PairedMutualInformation(RandomShift(2)))
+    codes = model.encode(x)
+    clean = codes["y"].detach().requires_grad_(True)
+    model.terms[0].loss(model, x, {**codes, "y": clean}).backward()
+    assert clean.grad.abs().sum() > 0 and model.encoder[-1][-1].weight.grad.abs().sum() > 0
 
 
 def test_terms_need_a_categorical_code():
