@@ -69,21 +69,29 @@ class Balance(MutualInformation):
         super().__init__(weight, code, conditional_weight=0.0)
 
 
-class Consistency(TrainingTerm):
-    """KL(q(y|x) || q(y|perturbation(x))), the first held fixed: a perturbed image must land in
-    the same category. The perturbation says what the categories should not depend on (shifts,
-    affine maps, virtual adversarial directions)."""
+class PerturbedTerm(TrainingTerm):
+    """A term that compares each image's code with its perturbed copy's. The perturbation says
+    what the categories should not depend on (shifts, affine maps, virtual adversarial directions)."""
 
     def __init__(self, perturbation: Perturbation, weight: float = 1.0, code: str | None = None):
         super().__init__(weight, code)
         self.perturbation = perturbation
 
-    def loss(self, model, x, codes):
+    def perturbed_code(self, model, x: torch.Tensor) -> torch.Tensor:
+        """q(y | perturbation(x)), with gradients to the encoder."""
         def predict(images):
             return model.encode(images)[self.code]
 
+        return predict(self.perturbation(x, predict))
+
+
+class Consistency(PerturbedTerm):
+    """KL(q(y|x) || q(y|perturbation(x))), the first held fixed: a perturbed image must land in
+    the same category."""
+
+    def loss(self, model, x, codes):
         target = codes[self.code].detach()
-        return F.kl_div(torch.log(predict(self.perturbation(x, predict)) + 1e-8), target, reduction="batchmean")
+        return F.kl_div(torch.log(self.perturbed_code(model, x) + 1e-8), target, reduction="batchmean")
 
 
 class HeadSeparation(TrainingTerm):
@@ -108,21 +116,14 @@ class HeadSeparation(TrainingTerm):
         return F.relu(self.threshold - distance).sum()
 
 
-class PairedMutualInformation(TrainingTerm):
+class PairedMutualInformation(PerturbedTerm):
     """log K - I(y; y') between the code of an image and of its perturbed copy (IIC, Ji et al.
     2019): the joint of the pair over the batch, symmetrised, is pushed towards confident,
     balanced and agreeing assignments at once; gradients reach both sides of the pair."""
 
-    def __init__(self, perturbation: Perturbation, weight: float = 1.0, code: str | None = None):
-        super().__init__(weight, code)
-        self.perturbation = perturbation
-
     def loss(self, model, x, codes):
-        def predict(images):
-            return model.encode(images)[self.code]
-
         q = codes[self.code]
-        joint = q.T @ predict(self.perturbation(x, predict)) / len(q)
+        joint = q.T @ self.perturbed_code(model, x) / len(q)
         joint = ((joint + joint.T) / 2).clamp_min(1e-8)
         mutual = (joint * (joint.log() - joint.sum(1, keepdim=True).log() - joint.sum(0, keepdim=True).log())).sum()
         return math.log(q.shape[1]) - mutual
