@@ -40,7 +40,7 @@ class LatentCode:
         if source == "label" and (not prior.num_classes or conditioned):
             raise ValueError("LatentCode: a code taken from the label needs a categorical prior and no conditioning")
         if conditioned and prior.num_parts is None:
-            raise ValueError(f"LatentCode: conditioned=True needs a prior whose parts labels can pick "
+            raise ValueError("LatentCode: conditioned=True needs a prior whose parts labels can pick "
                              f"(mixture, swiss roll, categorical), got {prior!r}")
         if head_scale <= 0:
             raise ValueError(f"LatentCode: head_scale must be > 0, got {head_scale}")
