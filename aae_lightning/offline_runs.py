@@ -71,14 +71,22 @@ class OfflineRun:
         return sorted((self.dir / "files" / "media").rglob("*.png"))
 
 
-def offline_runs(root: Path, wait_s: float = 60.0) -> list[OfflineRun]:
-    """Every offline run under ``root`` (oldest first), read once each run's latest part has
-    finished or after ``wait_s`` seconds: W&B's service process writes the last records after
-    ``wandb.finish()`` has returned. (A killed run never finishes; its resumed part does.)"""
+def poll(read, done, wait_s: float):
+    """``read()`` every 0.2 s until ``done`` holds for what it read or ``wait_s`` seconds have passed;
+    the last reading. W&B's service process writes a run's last records after ``wandb.finish()``
+    has returned, so a reader waits for them."""
     deadline = time.monotonic() + wait_s
     while True:
-        runs = [OfflineRun(d) for d in sorted(Path(root).rglob("offline-run-*"), key=lambda d: d.name) if d.is_dir()]
-        latest = {r.id: r for r in runs}
-        if all(r.finished for r in latest.values()) or time.monotonic() > deadline:
-            return runs
+        result = read()
+        if done(result) or time.monotonic() > deadline:
+            return result
         time.sleep(0.2)
+
+
+def offline_runs(root: Path, wait_s: float = 60.0) -> list[OfflineRun]:
+    """Every offline run under ``root`` (oldest first), read once each run's latest part has
+    finished or after ``wait_s`` seconds. (A killed run never finishes; its resumed part does.)"""
+    def read():
+        return [OfflineRun(d) for d in sorted(Path(root).rglob("offline-run-*"), key=lambda d: d.name) if d.is_dir()]
+
+    return poll(read, lambda runs: all(r.finished for r in {r.id: r for r in runs}.values()), wait_s)

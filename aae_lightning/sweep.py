@@ -22,7 +22,7 @@ import sweeps
 import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
-from aae_lightning.offline_runs import OfflineRun
+from aae_lightning.offline_runs import OfflineRun, poll
 
 POLL_SECONDS = 5
 
@@ -101,11 +101,8 @@ class OfflineSweep:
         run = OfflineRun(trial["run_dir"]) if "run_dir" in trial else find_run(trial["id"], self.run_roots)
         if run is None:
             return
-        # an ended trial's W&B service may still be writing its last records
-        deadline = time.monotonic() + wait_s
-        while not run.finished and time.monotonic() < deadline:
-            time.sleep(0.2)
-            run = OfflineRun(run.dir)
+        if not run.finished and wait_s > 0:  # an ended trial's W&B service may still be writing
+            run = poll(lambda: OfflineRun(run.dir), lambda r: r.finished, wait_s)
         trial["run_dir"] = str(run.dir)
         trial["history"] = [{self.metric: v} for v in run.values(self.metric)]
         value = run.summary.get(self.metric, trial["history"][-1][self.metric] if trial["history"] else None)
