@@ -10,7 +10,7 @@ from aae_lightning.perturbations import RandomAffine, RandomShift, VirtualAdvers
 from aae_lightning.predictions import PredictionWriter
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
 from aae_lightning.runs import RunSummary
-from aae_lightning.terms import Balance, Consistency, HeadSeparation, MutualInformation, PairedMutualInformation, TrainingTerm
+from aae_lightning.terms import Balance, Consistency, HeadSeparation, MutualInformation, PairedMutualInformation, SelfLabelling, TrainingTerm
 
 __all__ = [
     "AdversarialAutoencoder",
@@ -21,6 +21,7 @@ __all__ = [
     "ClusterGrid",
     "Consistency",
     "PairedMutualInformation",
+    "SelfLabelling",
     "FashionMNISTDataModule",
     "GaussianMixturePrior",
     "GaussianPrior",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Consistency, GaussianPrior, LatentCode,
-                           MutualInformation, PairedMutualInformation, RandomAffine, RandomShift, VirtualAdversarial)
+                           MutualInformation, PairedMutualInformation, RandomAffine, RandomShift, SelfLabelling, VirtualAdversarial)
 
 
 def model_with(*terms, k=4):
@@ -76,7 +76,15 @@ def test_paired_mutual_information_wants_confident_balanced_agreeing_pairs():
     assert pair_loss(balanced, torch.eye(k)[torch.randperm(12) % k]) > 0.5  # copies land anywhere
     # the joint is symmetrised (image and copy are exchangeable), so even a fixed relabelling of the copies costs
     assert pair_loss(balanced, balanced[torch.tensor([1, 2, 3, 0] * 3)]) > 0.5
-
+    # marginal_weight 0.5 asks agreement and confidence, not equal sizes: two clusters of 9 and 3 cost
+    # log K - H(0.75, 0.25) at IIC's weight 1 and nothing at 0.5
+    uneven = torch.eye(k)[[0] * 9 + [1] * 3]
+    assert pair_loss(uneven, uneven) == pytest.approx(math.log(k) + 0.75 * math.log(0.75) + 0.25 * math.log(0.25), abs=1e-5)
+    term.marginal_weight = 0.5
+    assert pair_loss(uneven, uneven).abs() < 1e-5
+    assert pair_loss(balanced, torch.eye(k)[torch.randperm(12) % k]) > 0.5  # disagreement still costs
+    with pytest.raises(ValueError, match=r"marginal_weight must lie in \[0.5, 1\]"):
+        PairedMutualInformation(identity, marginal_weight=0.4)
 
     # gradients reach both sides of the pair: the clean codes and the encoder through the copy
     model = model_with(PairedMutualInformation(RandomShift(2)))
@@ -84,6 +92,25 @@ def test_paired_mutual_information_wants_confident_balanced_agreeing_pairs():
     clean = codes["y"].detach().requires_grad_(True)
     model.terms[0].loss(model, x, {**codes, "y": clean}).backward()
     assert clean.grad.abs().sum() > 0 and model.encoder[-1][-1].weight.grad.abs().sum() > 0
+
+
+def test_self_labelling_trains_the_copies_of_confident_images_towards_their_argmax():
+    identity = RandomAffine(degrees=0, scale=(1, 1), max_shift=0)
+    term = SelfLabelling(identity, code="y", threshold=0.9)
+    x = square_batch(4)
+    clean = torch.tensor([[0.95, 0.05, 0.0], [0.05, 0.95, 0.0], [0.5, 0.5, 0.0], [0.4, 0.3, 0.3]])
+
+    def copy_loss(perturbed):
+        return term.loss(SimpleNamespace(encode=lambda images: {"y": perturbed}), x, {"y": clean})
+
+    agreeing = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0, 0, 1.0]])
+    assert copy_loss(agreeing).abs() < 1e-6  # the two unsure images add nothing, whatever their copies say
+    swapped = agreeing[[1, 0, 2, 3]]
+    # two of four copies put all their mass on the wrong category: -log(1e-8) / 2 each
+    assert copy_loss(swapped) == pytest.approx(2 * -math.log(1e-8) / 4, rel=1e-3)
+    assert copy_loss(torch.full((4, 3), 1 / 3)) == pytest.approx(2 * math.log(3) / 4, rel=1e-4)
+    with pytest.raises(ValueError, match="threshold must lie in"):
+        SelfLabelling(identity, threshold=1.0)
 
 
 def test_terms_need_a_categorical_code():
