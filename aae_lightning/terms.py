@@ -156,6 +156,7 @@ class PairedMutualInformation(PerturbedTerm):
         q = codes[self.code]
         joint = q.T @ self.perturbed_code(model, x) / len(q)
         joint = ((joint + joint.T) / 2).clamp_min(1e-8)
+
         def plogp(p):
             return (p * p.log()).sum()
 
