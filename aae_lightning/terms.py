@@ -84,6 +84,10 @@ class PerturbedTerm(TrainingTerm):
 
         return predict(self.perturbation(x, predict))
 
+    def perturbed_log_code(self, model, x: torch.Tensor) -> torch.Tensor:
+        """log q(y | perturbation(x)), floored for categories the code gives no mass."""
+        return torch.log(self.perturbed_code(model, x) + 1e-8)
+
 
 class Consistency(PerturbedTerm):
     """KL(q(y|x) || q(y|perturbation(x))), the first held fixed: a perturbed image must land in
@@ -91,7 +95,7 @@ class Consistency(PerturbedTerm):
 
     def loss(self, model, x, codes):
         target = codes[self.code].detach()
-        return F.kl_div(torch.log(self.perturbed_code(model, x) + 1e-8), target, reduction="batchmean")
+        return F.kl_div(self.perturbed_log_code(model, x), target, reduction="batchmean")
 
 
 class SelfLabelling(PerturbedTerm):
@@ -109,8 +113,7 @@ class SelfLabelling(PerturbedTerm):
     def loss(self, model, x, codes):
         confidence, target = codes[self.code].detach().max(1)
         confident = (confidence >= self.threshold).to(confidence.dtype)
-        log_q = torch.log(self.perturbed_code(model, x) + 1e-8)
-        return -(log_q.gather(1, target[:, None]).squeeze(1) * confident).mean()
+        return -(self.perturbed_log_code(model, x).gather(1, target[:, None]).squeeze(1) * confident).mean()
 
 
 class HeadSeparation(TrainingTerm):

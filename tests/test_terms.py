@@ -106,7 +106,7 @@ def test_self_labelling_trains_the_copies_of_confident_images_towards_their_argm
     agreeing = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0, 0, 1.0]])
     assert copy_loss(agreeing).abs() < 1e-6  # the two unsure images add nothing, whatever their copies say
     swapped = agreeing[[1, 0, 2, 3]]
-    # two of four copies put all their mass on the wrong category: -log(1e-8) / 2 each
+    # two of four copies put all their mass on the wrong category: -log(1e-8) each, over a batch of four
     assert copy_loss(swapped) == pytest.approx(2 * -math.log(1e-8) / 4, rel=1e-3)
     assert copy_loss(torch.full((4, 3), 1 / 3)) == pytest.approx(2 * math.log(3) / 4, rel=1e-4)
     with pytest.raises(ValueError, match="threshold must lie in"):
