@@ -186,6 +186,8 @@ class AdversarialAutoencoder(L.LightningModule):
                 raise ValueError(f"AdversarialAutoencoder: {term!r} needs cluster heads: give code {term.code!r} added_to")
         self.supervised_code, self.lr_supervised = supervised_code, lr_supervised
         self.supervised_perturbation = supervised_perturbation
+        # the perturbed codes of the phase running its terms (see perturbed_code); None outside one
+        self._perturbed_codes: dict[tuple[str, str], torch.Tensor] | None = None
         if figures_every_n_epochs < 0:
             raise ValueError(f"AdversarialAutoencoder: figures_every_n_epochs must be >= 0, got {figures_every_n_epochs}")
         self.figures_every_n_epochs = figures_every_n_epochs
@@ -295,7 +297,24 @@ class AdversarialAutoencoder(L.LightningModule):
 
     def term_losses(self, x: torch.Tensor, codes: dict[str, torch.Tensor], phase: str) -> dict[str, tuple[float, torch.Tensor]]:
         """{name: (weight, unweighted loss)} of the extra terms that join ``phase``."""
-        return {name: (term.weight, term.loss(self, x, codes)) for name, term in zip(self.term_names(), self.terms) if term.phase == phase}
+        self._perturbed_codes = {}
+        try:
+            return {name: (term.weight, term.loss(self, x, codes)) for name, term in zip(self.term_names(), self.terms) if term.phase == phase}
+        finally:
+            self._perturbed_codes = None
+
+    def perturbed_code(self, perturbation: Perturbation, x: torch.Tensor, code: str) -> torch.Tensor:
+        """q(code | perturbation(x)), with gradients to the encoder. Within one phase, terms with
+        equal perturbations (same class and settings) on the same code share one draw and one
+        encoder pass: the copy costs a full forward and backward through the encoder."""
+        shared = self._perturbed_codes if self._perturbed_codes is not None else {}
+        key = (repr(perturbation), code)
+        if key not in shared:
+            def predict(images):
+                return self.encode(images)[code]
+
+            shared[key] = predict(perturbation(x, predict))
+        return shared[key]
 
     def supervised_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         q = self.encode(x)[self.supervised_code]

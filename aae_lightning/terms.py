@@ -78,11 +78,9 @@ class PerturbedTerm(TrainingTerm):
         self.perturbation = perturbation
 
     def perturbed_code(self, model, x: torch.Tensor) -> torch.Tensor:
-        """q(y | perturbation(x)), with gradients to the encoder."""
-        def predict(images):
-            return model.encode(images)[self.code]
-
-        return predict(self.perturbation(x, predict))
+        """q(y | perturbation(x)), with gradients to the encoder (shared with the phase's other
+        terms under an equal perturbation)."""
+        return model.perturbed_code(self.perturbation, x, self.code)
 
     def perturbed_log_code(self, model, x: torch.Tensor) -> torch.Tensor:
         """log q(y | perturbation(x)), floored for categories the code gives no mass."""

@@ -65,7 +65,7 @@ def test_paired_mutual_information_wants_confident_balanced_agreeing_pairs():
 
     def pair_loss(clean, perturbed):
         # a stand-in encoder that gives the perturbed copies their own assignments
-        return term.loss(SimpleNamespace(encode=lambda images: {"y": perturbed}), x, {"y": clean})
+        return term.loss(SimpleNamespace(perturbed_code=lambda perturbation, images, code: perturbed), x, {"y": clean})
 
     balanced = torch.eye(k).repeat(3, 1)
     assert pair_loss(balanced, balanced).abs() < 1e-5  # log K - I(y; y') = 0
@@ -94,6 +94,27 @@ def test_paired_mutual_information_wants_confident_balanced_agreeing_pairs():
     assert clean.grad.abs().sum() > 0 and model.encoder[-1][-1].weight.grad.abs().sum() > 0
 
 
+def test_terms_with_equal_perturbations_share_one_copy_and_encoder_pass_per_phase():
+    torch.manual_seed(0)
+    model = model_with(Consistency(RandomAffine()), PairedMutualInformation(RandomAffine()),
+                       SelfLabelling(RandomAffine(degrees=30)))
+    passes = []
+    model.encoder.register_forward_hook(lambda module, inputs, output: passes.append(inputs[0]))
+    x = square_batch()
+    losses = model.term_losses(x, model.encode(x), "generator")
+    # the clean batch, one copy for the two terms under RandomAffine(), one under degrees=30
+    assert len(passes) == 3 and set(losses) == {"consistency", "pairedmutualinformation", "selflabelling"}
+    assert not torch.equal(passes[1], passes[2])
+    sum(value for _, value in losses.values()).backward()  # one graph: the shared copy takes both terms' gradients
+    assert model.encoder[-1][-1].weight.grad.abs().sum() > 0
+    model.term_losses(x, model.encode(x), "generator")
+    assert len(passes) == 6  # the next phase draws afresh
+    # outside a phase nothing is kept: two calls, two copies
+    for _ in range(2):
+        model.terms[0].loss(model, x, model.encode(x))
+    assert len(passes) == 10
+
+
 def test_self_labelling_trains_the_copies_of_confident_images_towards_their_argmax():
     identity = RandomAffine(degrees=0, scale=(1, 1), max_shift=0)
     term = SelfLabelling(identity, code="y", threshold=0.9)
@@ -101,7 +122,7 @@ def test_self_labelling_trains_the_copies_of_confident_images_towards_their_argm
     clean = torch.tensor([[0.95, 0.05, 0.0], [0.05, 0.95, 0.0], [0.5, 0.5, 0.0], [0.4, 0.3, 0.3]])
 
     def copy_loss(perturbed):
-        return term.loss(SimpleNamespace(encode=lambda images: {"y": perturbed}), x, {"y": clean})
+        return term.loss(SimpleNamespace(perturbed_code=lambda perturbation, images, code: perturbed), x, {"y": clean})
 
     agreeing = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0, 0, 1.0]])
     assert copy_loss(agreeing).abs() < 1e-6  # the two unsure images add nothing, whatever their copies say
