@@ -64,7 +64,7 @@ def test_paired_mutual_information_wants_confident_balanced_agreeing_pairs():
     x = square_batch(12)
 
     def pair_loss(clean, perturbed):
-        # a stand-in encoder that gives the perturbed copies their own assignments
+        # a stand-in model that gives the perturbed copies their own assignments
         return term.loss(SimpleNamespace(perturbed_code=lambda perturbation, images, code: perturbed), x, {"y": clean})
 
     balanced = torch.eye(k).repeat(3, 1)
