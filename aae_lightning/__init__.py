@@ -1,5 +1,6 @@
 """Adversarial Autoencoders (Makhzani et al. 2015) as a PyTorch Lightning project."""
 
+from aae_lightning.averaging import EMAWeights
 from aae_lightning.callbacks import ClusterGrid, LatentPlot, PriorSamples, RepresentationMap, StyleGrid
 from aae_lightning.checkpointing import AtomicCheckpointIO, BestCheckpoint, InterruptCheckpoint
 from aae_lightning.codes import LatentCode
@@ -20,6 +21,7 @@ __all__ = [
     "CategoricalPrior",
     "ClusterGrid",
     "Consistency",
+    "EMAWeights",
     "PairedMutualInformation",
     "SelfLabelling",
     "FashionMNISTDataModule",

@@ -31,6 +31,9 @@ def quiet_known_noise() -> None:
     # validate/test/predict from a checkpoint restore ModelCheckpoint's state into the new run's
     # folder, where they write nothing
     warnings.filterwarnings("ignore", message="The dirpath has changed from")
+    # validate/test/predict from a checkpoint of a weight-averaged run: its state_dict already holds
+    # the average, which is what should be evaluated
+    warnings.filterwarnings("ignore", message="You're using the WeightAveraging callback, but loading a checkpoint outside")
     # predict's rows carry their dataset index (our loaders batch by index, without a sampler)
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
     # manual optimization + every_n_train_steps: Lightning offers to save the weights from before

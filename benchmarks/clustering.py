@@ -15,7 +15,9 @@ summary line per dataset.
         -- --data=aae_lightning.FashionMNISTDataModule --model.init_args.discriminator_noise=0.1
     python benchmarks/clustering.py --config configs/clustering_fashion.yaml --data-dir DIR --minutes 15 --seeds 0 1 2
 
-Everything after ``--`` goes to the CLI unchanged.
+Everything after ``--`` goes to the CLI unchanged. The script writes no checkpoints and draws no
+figures; ``--trainer.logger=false`` also leaves W&B out. (``--trainer.callbacks=[]`` would drop the
+config's own callbacks too, such as its weight averaging.)
 """
 
 import argparse
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import lightning as L
 import wandb
+from lightning.pytorch.callbacks import Checkpoint
 
 from aae_lightning.cli import cli_main
 
@@ -107,7 +110,8 @@ def main():
             if header:
                 print(header.strip(), flush=True)
             cli = cli_main(args + data_args + opts.cli_args + ([f"--seed_everything={seed}"] if seed is not None else []), run=False)
-            cli.trainer.callbacks.append(EpochReport())
+            # no checkpoints either; the config's other callbacks (weight averaging) stay part of what is measured
+            cli.trainer.callbacks = [cb for cb in cli.trainer.callbacks if not isinstance(cb, Checkpoint)] + [EpochReport()]
             cli.trainer.fit(cli.model, cli.datamodule)
             (test,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
             print("test " + " ".join(f"{c}={test[f'test/{c}']:.4f}" for c in COLUMNS if f"test/{c}" in test), flush=True)

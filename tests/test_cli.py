@@ -133,13 +133,16 @@ def test_offline_runs_keep_checkpoints_local_even_with_log_model(mnist_dir, offl
 
 
 def test_run_defaults_are_on_without_being_in_the_config_and_can_be_removed(capsys):
-    """What every run needs comes from the CLI's defaults: --print_config shows it, a flag removes it."""
+    """What every run needs comes from the CLI's defaults: --print_config shows it, a config's
+    ``callbacks+`` adds to it, a flag removes it."""
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", str(CONFIGS / "clustering.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert "callbacks" not in yaml.safe_load((CONFIGS / "clustering.yaml").read_text())["trainer"]
+    written = yaml.safe_load((CONFIGS / "clustering.yaml").read_text())["trainer"]
+    assert "callbacks" not in written and [c["class_path"] for c in written["callbacks+"]] == ["aae_lightning.EMAWeights"]
     callbacks = [c["class_path"] for c in printed["trainer"]["callbacks"]]
-    assert callbacks == ["aae_lightning.InterruptCheckpoint", "aae_lightning.BestCheckpoint", "lightning.pytorch.callbacks.ModelCheckpoint"]
+    assert callbacks == ["aae_lightning.InterruptCheckpoint", "aae_lightning.BestCheckpoint", "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "aae_lightning.EMAWeights"]
     assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
     assert printed["trainer"]["plugins"][0]["class_path"] == "aae_lightning.AtomicCheckpointIO"
     assert printed["seed_everything"] == 0

@@ -1,0 +1,53 @@
+"""Evaluate with an average of the recent weights instead of the last step's."""
+
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+
+def warmed_up_decay(decay: float, updates: torch.Tensor) -> torch.Tensor:
+    """``min(decay, (1 + n) / (10 + n))`` after ``n`` updates: early in a run the average spans
+    about the last tenth of the steps, so it keeps up with the fast first epochs."""
+    return torch.clamp((1 + updates) / (10 + updates), max=decay)
+
+
+class EMAWeights(WeightAveraging):
+    """An exponential moving average of the weights (Polyak averaging), on Lightning's
+    ``WeightAveraging``: validation, test, the checkpoints' ``state_dict`` and the weights after
+    ``fit`` are the average; training goes on with the raw weights, which a resumed run restores.
+
+    Adversarial training never settles: from one epoch to the next the clusters trade images and
+    the validation purity swings by several points, so the last step's weights are a draw from
+    that swing. Lightning's ``EMAWeightAveraging`` with a fixed decay lags behind the first epochs
+    instead; the decay here warms up (:func:`warmed_up_decay`).
+    """
+
+    def __init__(self, decay: float = 0.998):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMAWeights: decay={decay} must lie between 0 and 1")
+        self.decay = decay
+
+        @torch.no_grad()
+        def average(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+            weight = 1 - warmed_up_decay(decay, updates)
+            for a, c in zip(averaged, current):
+                if a.is_floating_point():
+                    a.lerp_(c, weight.to(a.dtype))
+                else:  # integer buffers (batch norm's batch count) are counts, not weights
+                    a.copy_(c)
+
+        super().__init__(multi_avg_fn=average)
+        self._raw_at_end: dict[str, torch.Tensor] | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._raw_at_end = None
+
+    def on_train_end(self, trainer, pl_module):
+        # the parent copies the average into the module; ModelCheckpoint's last.ckpt comes after
+        # it, and a run resumed from that file must still train on from the raw weights
+        self._raw_at_end = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._raw_at_end is not None:
+            checkpoint["current_model_state"] = self._raw_at_end
