@@ -24,7 +24,6 @@ class EMAWeights(WeightAveraging):
     def __init__(self, decay: float = 0.998):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMAWeights: decay={decay} must lie between 0 and 1")
-        self.decay = decay
 
         @torch.no_grad()
         def average(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
