@@ -8,6 +8,7 @@ download.
 import gzip
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
@@ -48,14 +49,18 @@ def read_idx(path: Path) -> np.ndarray:
 class TensorBatches:
     """Iterates over index batches of in-memory tensors: the whole data path is one gather per batch.
 
-    Under DDP each process takes its own strided shard of the same seeded permutation. Each pass
-    draws the permutation of the next epoch. The position in the epoch is part of checkpoints
-    (Lightning saves ``state_dict`` of a loader that has one), so a run resumed mid-epoch sees
-    exactly the batches an uninterrupted run would have.
+    Under DDP each process takes its own strided shard of the same seeded permutation. The order is
+    a function of the seed, the epoch and the pass within it (a small set cycled beside a large one
+    is passed over several times an epoch): each epoch seeds a generator that draws one permutation
+    per pass. The epoch comes from ``current_epoch`` (the trainer's, given by the DataModule), else
+    each pass counts as an epoch. The position in the pass is part of checkpoints (Lightning saves
+    ``state_dict`` of a loader that has one), so a run resumed mid-epoch sees exactly the batches an
+    uninterrupted run would have; resumed at an epoch's end, Lightning restores no loader state and
+    the trainer's epoch alone gives the next epoch's order.
     """
 
     def __init__(self, tensors, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 equal_shards: bool = True):
+                 equal_shards: bool = True, current_epoch: Callable[[], int] | None = None):
         self.tensors = tensors
         # every rank the same number of examples, the remainder left out: ranks that synchronise
         # per batch (training, metrics) must run the same number of batches; prediction takes all
@@ -65,9 +70,13 @@ class TensorBatches:
         self.seed = seed
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
+        self.current_epoch = current_epoch
         self.epoch = 0
-        self.position = 0  # batches of the current epoch already handed out
+        self.passes = 0  # passes of this epoch begun before the current one
+        self.position = 0  # batches of the current pass already handed out
         self._restored = False
+        self._generator = None  # the epoch's: one permutation per pass
+        self._drawn = (None, 0, None)  # (epoch, passes drawn, the last permutation)
 
     def _num_samples(self) -> int:
         n = len(self.tensors[0])
@@ -78,23 +87,41 @@ class TensorBatches:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "passes": self.passes, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.epoch, self.passes, self.position = state["epoch"], state.get("passes", 0), state["position"]
         self._restored = True
 
-    def __iter__(self):
-        # a restored position inside an epoch continues it; every other pass starts the next epoch
-        if not (self._restored and self.position < len(self)):
-            self.epoch, self.position = self.epoch + (self.position > 0), 0
+    def _start_pass(self) -> None:
+        # a restored position inside a pass continues it; otherwise a new epoch starts with its first
+        # pass, or the epoch goes on with its next pass
+        if self._restored and self.position < len(self):
+            self._restored = False
+            return
         self._restored = False
+        epoch = self.current_epoch() if self.current_epoch is not None else self.epoch + (self.position > 0)
+        if epoch != self.epoch:
+            self.epoch, self.passes = epoch, 0
+        elif self.position > 0:
+            self.passes += 1
+        self.position = 0
+
+    def _order(self) -> torch.Tensor:
         n = len(self.tensors[0])
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(n)
-        order = order[self.rank :: self.world_size][: self._num_samples()]
+        if not self.shuffle:
+            return torch.arange(n)
+        epoch, drawn, order = self._drawn
+        if epoch != self.epoch or drawn > self.passes + 1:
+            self._generator, drawn = torch.Generator().manual_seed(self.seed + self.epoch), 0
+        while drawn <= self.passes:
+            order, drawn = torch.randperm(n, generator=self._generator), drawn + 1
+        self._drawn = (self.epoch, drawn, order)
+        return order
+
+    def __iter__(self):
+        self._start_pass()
+        order = self._order()[self.rank :: self.world_size][: self._num_samples()]
         for i in range(self.position, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             self.position = i + 1
@@ -208,7 +235,9 @@ class ImageDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         batch_size = max(1, min(self.batch_size, len(self.splits[split][0]) // world))
         tensors = (*self.splits[split], self.source_index[split]) if predict else self.splits[split]
-        return TensorBatches(tensors, batch_size, shuffle, self.seed, drop_last=shuffle, rank=rank, world_size=world, equal_shards=not predict)
+        current_epoch = (lambda: trainer.current_epoch) if trainer is not None else None
+        return TensorBatches(tensors, batch_size, shuffle, self.seed, drop_last=shuffle, rank=rank, world_size=world, equal_shards=not predict,
+                             current_epoch=current_epoch)
 
     def train_dataloader(self):
         if "labeled" in self.splits:

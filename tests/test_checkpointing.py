@@ -169,3 +169,30 @@ def test_sigkill_then_resume_continues_exactly_where_the_checkpoint_left_off(mni
     # W&B's step axis counts batches (three optimizer steps each): the history picks up after the checkpoint
     batches_at_kill = killed["global_step"] // 3
     assert batches_at_kill <= min(resumed_run.values("trainer/global_step")) <= batches_at_kill + 50
+
+
+def test_resume_from_an_epochs_end_trains_the_weights_an_uninterrupted_fit_would(mnist_dir, tmp_path, monkeypatch):
+    """The run defaults' last.ckpt at an epoch's end, resumed with --ckpt_path last: the data order
+    (the whole set and the cycled labelled set), RNG, optimizers, schedule and weight average go on
+    as in one uninterrupted fit. Semi-supervised, for the labelled loader and the lr milestone."""
+    args = ["fit", "--config", str(CONFIGS / "semi_supervised_mnist_100.yaml"), f"--data.data_dir={mnist_dir}", "--data.download=false",
+            "--data.val_size=100", "--data.batch_size=50", "--data.num_labeled=20", "--model.lr_milestones=[1]",
+            "--trainer.enable_progress_bar=false", "--trainer.num_sanity_val_steps=0", "--model.figures_every_n_epochs=0",
+            "--model.encoder=aae_lightning.nets.MLPEncoder", "--model.encoder.hidden=[32]",
+            "--model.decoder=aae_lightning.nets.MLPDecoder", "--model.decoder.hidden=[32]", "--model.discriminator_hidden=[32]"]
+    finals = {}
+    for name, stages in (("uninterrupted", [["--trainer.max_epochs=2"]]),
+                         ("resumed", [["--trainer.max_epochs=1"], ["--trainer.max_epochs=2", "--ckpt_path", "last"]])):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        for stage in stages:
+            cli_main([*args, *stage])
+            wandb.teardown()
+        (last,) = (tmp_path / name).glob("runs/*/*/checkpoints/last.ckpt")
+        finals[name] = torch.load(last, weights_only=True)
+    reference, resumed = finals["uninterrupted"], finals["resumed"]
+    assert resumed["global_step"] == reference["global_step"] and resumed["epoch"] == reference["epoch"] == 2
+    for key in ("state_dict", "optimizer_states", "lr_schedulers"):
+        _assert_same_tensors(resumed[key], reference[key], key)
+    (averaging,) = [k for k in reference["callbacks"] if "EMAWeights" in k]  # the other callbacks' states name their run
+    _assert_same_tensors(resumed["callbacks"][averaging], reference["callbacks"][averaging], averaging)

@@ -122,6 +122,25 @@ def test_tensor_batches_shard_one_permutation_across_processes():
     assert not torch.equal(first, second) and sorted(first.tolist()) == list(range(103))
 
 
+def test_tensor_batches_order_follows_the_trainers_epoch_and_the_pass_within_it():
+    """Resumed at an epoch's end Lightning restores no loader state: a fresh loader told the epoch
+    must hand out what the loader that lived through the earlier epochs would, the passes of a
+    cycled small set included."""
+    data = (torch.arange(20),)
+    epoch = 0
+    lived = TensorBatches(data, 4, shuffle=True, seed=3, current_epoch=lambda: epoch)
+    seen = {}
+    for epoch in range(3):
+        seen[epoch] = [torch.cat([b[0] for b in lived]) for _ in range(3)]  # three passes an epoch
+    assert not torch.equal(seen[2][0], seen[2][1]) and not torch.equal(seen[1][0], seen[2][0])
+    epoch = 2
+    fresh = TensorBatches(data, 4, shuffle=True, seed=3, current_epoch=lambda: epoch)
+    assert all(torch.equal(torch.cat([b[0] for b in fresh]), seen[2][p]) for p in range(3))
+    # without a trainer each pass is an epoch, and the first pass of each matches
+    alone = TensorBatches(data, 4, shuffle=True, seed=3)
+    assert [torch.equal(torch.cat([b[0] for b in alone]), seen[e][0]) for e in range(3)] == [True] * 3
+
+
 def test_tensor_batches_resume_mid_epoch_and_start_a_new_epoch_otherwise():
     data = (torch.arange(20),)
     batches = TensorBatches(data, 4, shuffle=True, seed=3)
