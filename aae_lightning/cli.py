@@ -3,6 +3,8 @@
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import wandb
 from lightning.pytorch.cli import LightningCLI
@@ -126,6 +128,17 @@ def root_cause(err: BaseException) -> BaseException:
         err = inner
 
 
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Bad input (a wrong config value, a missing or corrupt file or checkpoint, a NaN loss) ends
+    the process with its one-line message on stderr and exit status 2, not a traceback."""
+    try:
+        yield
+    except (DataError, NonFiniteLossError, CheckpointError, ValueError) as err:
+        print(f"error: {root_cause(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def cli_main(args=None, run: bool = True) -> AAECLI | None:
     """The CLI; with ``run=False`` it only builds model, data and trainer (for benchmarks).
 
@@ -146,20 +159,18 @@ def cli_main(args=None, run: bool = True) -> AAECLI | None:
     choose_wandb_mode()
     quiet_known_noise()
     try:
-        return AAECLI(
-            AdversarialAutoencoder,
-            ImageDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=SaveConfigToRun,
-            auto_configure_optimizers=False,
-            parser_kwargs={"parser_mode": "omegaconf"},
-            args=args,
-            run=run,
-        )
-    except (DataError, NonFiniteLossError, CheckpointError, ValueError) as err:
-        print(f"error: {root_cause(err)}", file=sys.stderr)
-        sys.exit(2)
+        with one_line_errors():
+            return AAECLI(
+                AdversarialAutoencoder,
+                ImageDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_callback=SaveConfigToRun,
+                auto_configure_optimizers=False,
+                parser_kwargs={"parser_mode": "omegaconf"},
+                args=args,
+                run=run,
+            )
     finally:
         # close the run so a later cli_main in the same process starts its own, not reuses this one
         if run and wandb.run is not None:

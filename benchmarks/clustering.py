@@ -30,7 +30,7 @@ import lightning as L
 import wandb
 from lightning.pytorch.callbacks import Checkpoint
 
-from aae_lightning.cli import cli_main
+from aae_lightning.cli import cli_main, one_line_errors
 
 # name: (DataModule, folder, its other CLI arguments, how to get the folder where it is missing)
 DATASETS = {
@@ -112,8 +112,9 @@ def main():
             cli = cli_main(args + data_args + opts.cli_args + ([f"--seed_everything={seed}"] if seed is not None else []), run=False)
             # no checkpoints either; the config's other callbacks (weight averaging) stay part of what is measured
             cli.trainer.callbacks = [cb for cb in cli.trainer.callbacks if not isinstance(cb, Checkpoint)] + [EpochReport()]
-            cli.trainer.fit(cli.model, cli.datamodule)
-            (test,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
+            with one_line_errors():  # as the CLI's own fit: bad input is one line, not a traceback
+                cli.trainer.fit(cli.model, cli.datamodule)
+                (test,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
             print("test " + " ".join(f"{c}={test[f'test/{c}']:.4f}" for c in COLUMNS if f"test/{c}" in test), flush=True)
             wandb.finish()
             results.append(test)

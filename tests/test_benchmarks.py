@@ -42,6 +42,19 @@ def test_clustering_benchmark_trains_once_per_seed_and_summarises_the_test_figur
     assert abs(acc_std - statistics.stdev(accs)) < 1e-3
 
 
+def test_clustering_benchmark_reports_bad_input_in_one_line(fashion_dir, tmp_path):
+    # found when the data are set up inside fit: more labels than training images
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(CONFIGS / "semi_supervised_mnist_100.yaml"), "--data-dir", str(fashion_dir),
+         "--epochs", "1", "--", "--trainer.logger=false", "--data=aae_lightning.FashionMNISTDataModule", "--data.val_size=100",
+         "--data.num_labeled=1000"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: FashionMNISTDataModule: num_labeled=1000 is larger than the training split (500 images)"
+    assert "Traceback" not in out.stderr
+
+
 MNIST_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-sample"
 
 
