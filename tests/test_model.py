@@ -150,18 +150,25 @@ def test_batch_norm_encoder_depends_on_the_batch_in_training_only():
     assert torch.allclose(*first)
 
 
-def test_bf16_mixed_keeps_codes_logits_and_losses_in_fp32_and_learns():
-    """Under bf16 autocast the matrix products run in bf16; the softmax, the discriminators'
-    logits and the losses stay in fp32, and the model still learns."""
+def test_bf16_mixed_keeps_output_layers_codes_logits_and_losses_in_fp32_and_learns():
+    """Under bf16 autocast the hidden layers' matrix products run in bf16; each net's output layer,
+    the softmax, the discriminators' logits and the losses stay in fp32, and the model still learns."""
     torch.manual_seed(0)
     x, y = synthetic()
     model = small_model({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(dim=4))})
+    linears = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    dtypes = []
+    for layer in linears:
+        layer.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         codes = model.encode(x[:8])
-        assert model.encoder(x[:8]).dtype == torch.bfloat16  # the net itself does run in bf16
+        assert dtypes == [torch.bfloat16] * (len(linears) - 1) + [torch.float32]
+        hidden = torch.randn(8, linears[-1].in_features).bfloat16()
+        output = linears[-1](hidden)
         assert all(v.dtype == torch.float32 for v in codes.values())
         assert model.decode_logits(codes).dtype == torch.float32
         assert model._discriminate(model.codes[0], codes["y"], y[:8]).dtype == torch.float32
+    assert torch.equal(output, torch.nn.functional.linear(hidden.float(), linears[-1].weight, linears[-1].bias))  # fp32 all through
     before = reconstruction_mse(model, x)
     trainer = L.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, precision="bf16-mixed")
