@@ -19,7 +19,7 @@ class FullPrecision:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
+            return super().forward(x.to(self.weight.dtype))  # the weights' own: fp32 under bf16-mixed, fp64 under 64-true
 
 
 class FullPrecisionLinear(FullPrecision, nn.Linear):
