@@ -7,8 +7,8 @@ download.
 
 import gzip
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
