@@ -75,8 +75,7 @@ class TensorBatches:
         self.passes = 0  # passes of this epoch begun before the current one
         self.position = 0  # batches of the current pass already handed out
         self._restored = False
-        self._generator = None  # the epoch's: one permutation per pass
-        self._drawn = (None, 0, None)  # (epoch, passes drawn, the last permutation)
+        self._drawn = (None, None, 0, None)  # (epoch, its generator: one permutation per pass, passes drawn, the last one)
 
     def _num_samples(self) -> int:
         n = len(self.tensors[0])
@@ -96,10 +95,9 @@ class TensorBatches:
     def _start_pass(self) -> None:
         # a restored position inside a pass continues it; otherwise a new epoch starts with its first
         # pass, or the epoch goes on with its next pass
-        if self._restored and self.position < len(self):
-            self._restored = False
+        restored, self._restored = self._restored, False
+        if restored and self.position < len(self):
             return
-        self._restored = False
         epoch = self.current_epoch() if self.current_epoch is not None else self.epoch + (self.position > 0)
         if epoch != self.epoch:
             self.epoch, self.passes = epoch, 0
@@ -111,12 +109,12 @@ class TensorBatches:
         n = len(self.tensors[0])
         if not self.shuffle:
             return torch.arange(n)
-        epoch, drawn, order = self._drawn
+        epoch, generator, drawn, order = self._drawn
         if epoch != self.epoch or drawn > self.passes + 1:
-            self._generator, drawn = torch.Generator().manual_seed(self.seed + self.epoch), 0
+            generator, drawn = torch.Generator().manual_seed(self.seed + self.epoch), 0
         while drawn <= self.passes:
-            order, drawn = torch.randperm(n, generator=self._generator), drawn + 1
-        self._drawn = (self.epoch, drawn, order)
+            order, drawn = torch.randperm(n, generator=generator), drawn + 1
+        self._drawn = (self.epoch, generator, drawn, order)
         return order
 
     def __iter__(self):
