@@ -248,14 +248,17 @@ class AdversarialAutoencoder(L.LightningModule):
             return F.binary_cross_entropy_with_logits(logits, x)
         return F.mse_loss(logits, x)
 
-    def _discriminate(self, c: LatentCode, code: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _discriminator_input(self, c: LatentCode, code: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.discriminator_noise > 0:
             code = code + torch.randn_like(code) * self.discriminator_noise
         if c.conditioned:
             # -1 (unlabelled) becomes the extra last slot
             slot = torch.where(labels >= 0, labels, self.num_classes)
             code = torch.cat([code, F.one_hot(slot, self.num_classes + 1).to(code.dtype)], dim=1)
-        return self.discriminators[c.name](code).float()
+        return code
+
+    def _discriminate(self, c: LatentCode, code: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.discriminators[c.name](self._discriminator_input(c, code, labels)).float()
 
     def _prior_sample(self, c: LatentCode, labels: torch.Tensor) -> torch.Tensor:
         n, device = labels.shape[0], labels.device
@@ -270,8 +273,11 @@ class AdversarialAutoencoder(L.LightningModule):
         for c in self.codes:
             if not c.inferred:
                 continue
-            real_logit = self._discriminate(c, self._prior_sample(c, labels), labels)
-            fake_logit = self._discriminate(c, codes[c.name].detach(), labels)
+            real = self._discriminator_input(c, self._prior_sample(c, labels), labels)
+            fake = self._discriminator_input(c, codes[c.name].detach(), labels)
+            # real and fake in one pass: one matrix product per layer, and under bf16 one cast of its
+            # weights (1.1x the bf16 step, benchmarks/throughput.py)
+            real_logit, fake_logit = self.discriminators[c.name](torch.cat([real, fake])).float().chunk(2)
             losses.append(
                 F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
                 + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))

@@ -3,8 +3,9 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
-from aae_lightning import AdversarialAutoencoder, CategoricalPrior, GaussianPrior, LatentCode
+from aae_lightning import AdversarialAutoencoder, CategoricalPrior, GaussianMixturePrior, GaussianPrior, LatentCode
 from aae_lightning.data import TensorBatches
 from aae_lightning.nets import MLPDecoder, MLPEncoder
 from conftest import structured_images
@@ -150,9 +151,10 @@ def test_batch_norm_encoder_depends_on_the_batch_in_training_only():
     assert torch.allclose(*first)
 
 
-def test_bf16_mixed_keeps_output_layers_codes_logits_and_losses_in_fp32_and_learns():
+def test_bf16_mixed_keeps_output_layers_batch_norms_codes_logits_and_losses_in_fp32_and_learns():
     """Under bf16 autocast the hidden layers' matrix products run in bf16; each net's output layer,
-    the softmax, the discriminators' logits and the losses stay in fp32, and the model still learns."""
+    the batch norms, the softmax, the discriminators' logits and the losses stay in fp32, and the
+    model still learns."""
     torch.manual_seed(0)
     x, y = synthetic()
     model = small_model({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(dim=4))})
@@ -169,8 +171,31 @@ def test_bf16_mixed_keeps_output_layers_codes_logits_and_losses_in_fp32_and_lear
         assert model.decode_logits(codes).dtype == torch.float32
         assert model._discriminate(model.codes[0], codes["y"], y[:8]).dtype == torch.float32
     assert torch.equal(output, torch.nn.functional.linear(hidden.float(), linears[-1].weight, linears[-1].bias))  # fp32 all through
+    normalised = MLPEncoder((1, 28, 28), 4, (16, 16), batch_norm=True)
+    norms = [m for m in normalised.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert len(norms) == 2 and all(m(torch.randn(8, 16).bfloat16()).dtype == torch.float32 for m in norms)
     before = reconstruction_mse(model, x)
     trainer = L.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, precision="bf16-mixed")
     trainer.fit(model, TensorBatches((x, y), 100, shuffle=True))
     assert reconstruction_mse(model, x) < 0.5 * before
+
+
+def test_discriminator_loss_scores_prior_samples_real_and_codes_fake():
+    """Real and fake share one pass through each discriminator; the loss is still theirs, half by half."""
+    model = small_model({"y": LatentCode(CategoricalPrior(4)),
+                         "z": LatentCode(GaussianMixturePrior(num_components=4), conditioned=True)},
+                        num_classes=4)
+    codes = model.encode(torch.rand(6, 1, 28, 28))
+    labels = torch.tensor([0, 1, -1, 3, -1, 2])
+    torch.manual_seed(1)
+    loss, accuracy = model.discriminator_loss(codes, labels)
+    torch.manual_seed(1)
+    expected, hits = 0, []
+    for c in model.codes:
+        real = model._discriminate(c, model._prior_sample(c, labels), labels)
+        fake = model._discriminate(c, codes[c.name], labels)
+        expected = expected + F.binary_cross_entropy_with_logits(real, torch.ones(6)) + F.binary_cross_entropy_with_logits(fake, torch.zeros(6))
+        hits.append(((real > 0).float().mean() + (fake < 0).float().mean()) / 2)
+    assert torch.allclose(loss, expected, atol=1e-6) and torch.allclose(accuracy, torch.stack(hits).mean())
