@@ -170,7 +170,7 @@ def test_bf16_mixed_keeps_output_layers_batch_norms_codes_logits_and_losses_in_f
         assert all(v.dtype == torch.float32 for v in codes.values())
         assert model.decode_logits(codes).dtype == torch.float32
         assert model._discriminate(model.codes[0], codes["y"], y[:8]).dtype == torch.float32
-    assert torch.equal(output, torch.nn.functional.linear(hidden.float(), linears[-1].weight, linears[-1].bias))  # fp32 all through
+    assert torch.equal(output, F.linear(hidden.float(), linears[-1].weight, linears[-1].bias))  # fp32 all through
     normalised = MLPEncoder((1, 28, 28), 4, (16, 16), batch_norm=True)
     norms = [m for m in normalised.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
