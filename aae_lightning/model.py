@@ -305,7 +305,8 @@ class AdversarialAutoencoder(L.LightningModule):
         """{name: (weight, unweighted loss)} of the extra terms that join ``phase``."""
         self._perturbed_codes = {}
         try:
-            return {name: (term.weight, term.loss(self, x, codes)) for name, term in zip(self.term_names(), self.terms) if term.phase == phase}
+            return {name: (term.weight, term.loss(self, x, codes)) for name, term in zip(self.term_names(), self.terms)
+                    if term.phase == phase and self.global_step >= term.start_step}
         finally:
             self._perturbed_codes = None
 

@@ -27,11 +27,14 @@ class TrainingTerm:
     phase = "generator"
     needs_heads = False
 
-    def __init__(self, weight: float = 1.0, code: str | None = None):
+    def __init__(self, weight: float = 1.0, code: str | None = None, start_step: int = 0):
         if weight < 0:
             raise ValueError(f"{type(self).__name__}: weight must be >= 0, got {weight}")
+        if start_step < 0:
+            raise ValueError(f"{type(self).__name__}: start_step must be >= 0, got {start_step}")
         self.weight = weight
         self.code = code
+        self.start_step = start_step
 
     @property
     def name(self) -> str:
@@ -49,8 +52,8 @@ class MutualInformation(TrainingTerm):
     ``conditional_weight`` 1 it is log K minus the mutual information between image and code,
     zero exactly for confident assignments spread evenly over the K categories (IMSAT's term)."""
 
-    def __init__(self, weight: float = 1.0, code: str | None = None, conditional_weight: float = 1.0):
-        super().__init__(weight, code)
+    def __init__(self, conditional_weight: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
         if conditional_weight < 0:
             raise ValueError(f"{type(self).__name__}: conditional_weight must be >= 0, got {conditional_weight}")
         self.conditional_weight = conditional_weight
@@ -65,16 +68,16 @@ class Balance(MutualInformation):
     """KL(batch mean of q(y|x) || uniform): the marginal half of the mutual information alone. It
     counters the early collapse onto a few categories that the adversarial loss escapes slowly."""
 
-    def __init__(self, weight: float = 1.0, code: str | None = None):
-        super().__init__(weight, code, conditional_weight=0.0)
+    def __init__(self, **kwargs):
+        super().__init__(conditional_weight=0.0, **kwargs)
 
 
 class PerturbedTerm(TrainingTerm):
     """A term that compares each image's code with its perturbed copy's. The perturbation says
     what the categories should not depend on (shifts, affine maps, virtual adversarial directions)."""
 
-    def __init__(self, perturbation: Perturbation, weight: float = 1.0, code: str | None = None):
-        super().__init__(weight, code)
+    def __init__(self, perturbation: Perturbation, **kwargs):
+        super().__init__(**kwargs)
         self.perturbation = perturbation
 
     def perturbed_code(self, model, x: torch.Tensor) -> torch.Tensor:
@@ -102,8 +105,8 @@ class SelfLabelling(PerturbedTerm):
     Where labels anchor the categories, the confident predictions are mostly right and the term
     spreads them to the unlabelled images."""
 
-    def __init__(self, perturbation: Perturbation, weight: float = 1.0, code: str | None = None, threshold: float = 0.95):
-        super().__init__(perturbation, weight, code)
+    def __init__(self, perturbation: Perturbation, threshold: float = 0.95, **kwargs):
+        super().__init__(perturbation, **kwargs)
         if not 0 < threshold < 1:
             raise ValueError(f"SelfLabelling: threshold must lie in (0, 1), got {threshold}")
         self.threshold = threshold
@@ -122,8 +125,8 @@ class HeadSeparation(TrainingTerm):
     phase = "reconstruction"
     needs_heads = True
 
-    def __init__(self, threshold: float, weight: float = 1.0, code: str | None = None):
-        super().__init__(weight, code)
+    def __init__(self, threshold: float, **kwargs):
+        super().__init__(**kwargs)
         if threshold <= 0:
             raise ValueError(f"HeadSeparation: threshold must be > 0, got {threshold}")
         self.threshold = threshold
@@ -147,8 +150,8 @@ class PairedMutualInformation(PerturbedTerm):
     classes (K = 16 for 10 digits) equal sizes cannot all be pure: 16 clusters of 6.25% hold
     digits of about 10% each, which caps purity near 0.85."""
 
-    def __init__(self, perturbation: Perturbation, weight: float = 1.0, code: str | None = None, marginal_weight: float = 1.0):
-        super().__init__(perturbation, weight, code)
+    def __init__(self, perturbation: Perturbation, marginal_weight: float = 1.0, **kwargs):
+        super().__init__(perturbation, **kwargs)
         if not 0.5 <= marginal_weight <= 1:
             raise ValueError(f"PairedMutualInformation: marginal_weight must lie in [0.5, 1], got {marginal_weight}")
         self.marginal_weight = marginal_weight
