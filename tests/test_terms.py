@@ -3,11 +3,13 @@
 import math
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 
 from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Consistency, GaussianPrior, LatentCode,
                            MutualInformation, PairedMutualInformation, RandomAffine, RandomShift, SelfLabelling, VirtualAdversarial)
+from aae_lightning.data import TensorBatches
 
 
 def model_with(*terms, k=4):
@@ -132,6 +134,25 @@ def test_self_labelling_trains_the_copies_of_confident_images_towards_their_argm
     assert copy_loss(torch.full((4, 3), 1 / 3)) == pytest.approx(2 * math.log(3) / 4, rel=1e-4)
     with pytest.raises(ValueError, match="threshold must lie in"):
         SelfLabelling(identity, threshold=1.0)
+
+
+def test_a_term_joins_training_at_its_start_step():
+    class RecordingBalance(Balance):
+        def loss(self, model, x, codes):
+            steps.append(model.global_step)
+            return super().loss(model, x, codes)
+
+    steps = []
+    torch.manual_seed(0)
+    model = model_with(RecordingBalance(code="y", start_step=9))
+    x = square_batch(40) + 0.1 * torch.rand(40, 1, 28, 28)
+    trainer = L.Trainer(max_steps=18, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, TensorBatches((x, torch.zeros(40, dtype=torch.long)), 10, shuffle=True))
+    # three optimizer steps a batch: the term sits out batches 0-2 (steps 0-8) and joins the generator
+    # phase of batches 3-5, which starts two steps into each batch
+    assert steps == [11, 14, 17]
+    with pytest.raises(ValueError, match="start_step must be >= 0"):
+        Balance(start_step=-1)
 
 
 def test_terms_need_a_categorical_code():
