@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the project with its dev extras
 
+# --durations: every run (CI's too) names its slowest tests, to keep the suite under its 10 minutes
 test: $(STAMP)  ## run the test suite (fast tests; under 10 minutes on 2 cores)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-slow: $(STAMP)  ## run the slow checks as well
 	$(PY) -m pytest -q -m slow
