@@ -19,8 +19,8 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 class TrainingTerm:
     """One extra loss. ``code``: the categorical code it acts on; default the model's cluster code.
     ``start_step``: the trainer's global step from which it joins (each batch takes three
-    optimizer steps); steps rather than epochs, so it starts after the same wall time whatever
-    the size of the training set.
+    optimizer steps, four with a supervised phase); steps rather than epochs, so it starts after
+    the same wall time whatever the size of the training set.
 
     ``loss(model, x, codes)`` gets the clean image batch and the codes its phase encoded, and
     returns the unweighted loss; the model multiplies by ``weight``.
