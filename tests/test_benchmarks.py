@@ -33,6 +33,16 @@ def test_clustering_benchmark_trains_once_per_seed_and_summarises_the_test_figur
     assert len(reached) == 2 and all(re.search(r">= 0.95: (\d+ s \(epoch 0\)|not reached)", line) for line in reached)
     tests = [dict(re.findall(r"(\w+)=([\d.]+)", line)) for line in lines if line.startswith("test purity")]
     assert len(tests) == 2
+    # which test clusters mix classes: each named with its main classes' counts, which leave 20% or
+    # more of it to classes other than its largest
+    mixing = [line.split("): ", 1)[1] for line in lines if line.startswith("test clusters mixing classes")]
+    assert len(mixing) == 2
+    for cell in (c for line in mixing if line != "none" for c in line.split("; ")):
+        counts, size = re.fullmatch(r"\d+: ((?:\d+x\d+(?: \+ )?)+) of (\d+)", cell).groups()
+        counts = [int(n) for n in re.findall(r"x(\d+)", counts)]
+        assert counts == sorted(counts, reverse=True) and sum(counts) <= int(size) and counts[0] < 0.8 * int(size)
+    # clusters each 80% one class or more would make purity 0.8 or more
+    assert all(line != "none" for line, test in zip(mixing, tests) if float(test["purity"]) < 0.8)
     # different seeds, different initial weights: the two runs end apart
     assert tests[0]["recon_loss"] != tests[1]["recon_loss"]
     (summary,) = [line for line in lines if line.startswith("test over 2 seeds")]
