@@ -1,7 +1,7 @@
 """Train a clustering (or semi-supervised) config for an epoch or wall-clock budget and print, per
 epoch, the validation purity / Hungarian accuracy / NMI / ARI (and classification error) with the
-wall time; then the same on the test set, and the test clusters that mix classes (which digits
-share clusters: most lost purity is that). With several ``--seeds`` it trains once per seed and ends
+wall time; then the same on the test set, the test clusters' sizes and those that mix classes
+(which digits share clusters: most lost purity is that). With several ``--seeds`` it trains once per seed and ends
 with the mean and standard deviation of the test figures: on Fashion-MNIST two seeds of one config
 can differ by several points of accuracy, more than most settings change it.
 
@@ -77,16 +77,21 @@ class EpochReport(L.Callback):
 
 
 @torch.no_grad()
-def mixed_clusters(model, datamodule, share: float = 0.2) -> str:
-    """The test clusters whose other classes hold ``share`` of them or more, with the counts of
-    their main classes: most lost purity is two classes sharing clusters (4 and 9, say)."""
+def test_counts(model, datamodule) -> list[list[int]]:
+    """counts[k][c]: test images of class c in cluster k (the argmax of the cluster code)."""
     model.eval()
     counts = torch.zeros(next(c.dim for c in model.codes if c.name == model.cluster_code), datamodule.num_classes, dtype=torch.long)
     for x, labels in datamodule.test_dataloader():
         clusters = model.encode(x.to(model.device))[model.cluster_code].argmax(1).cpu()
         counts.index_put_((clusters, labels), torch.ones_like(labels), accumulate=True)
+    return counts.tolist()
+
+
+def mixed_clusters(counts: list[list[int]], share: float = 0.2) -> str:
+    """The clusters whose other classes hold ``share`` of them or more, with the counts of their
+    main classes: most lost purity is two classes sharing clusters (4 and 9, say)."""
     cells = []
-    for k, row in enumerate(counts.tolist()):
+    for k, row in enumerate(counts):
         if sum(row) and max(row) < (1 - share) * sum(row):
             main = sorted((n, c) for c, n in enumerate(row) if n >= share / 2 * sum(row))[::-1]
             cells.append(f"{k}: " + " + ".join(f"{c}x{n}" for n, c in main) + f" of {sum(row)}")
@@ -136,7 +141,10 @@ def main():
                 (test,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
             print("test " + " ".join(f"{c}={test[f'test/{c}']:.4f}" for c in COLUMNS if f"test/{c}" in test), flush=True)
             if cli.model.cluster_code is not None:
-                print(f"test clusters mixing classes (cluster: class x count, of its size): {mixed_clusters(cli.model, cli.datamodule)}", flush=True)
+                counts = test_counts(cli.model, cli.datamodule)
+                # sizes too: the balance terms and the uniform prior ask for equal ones
+                print(f"test cluster sizes, largest first: {' '.join(str(n) for n in sorted(map(sum, counts), reverse=True))}", flush=True)
+                print(f"test clusters mixing classes (cluster: class x count, of its size): {mixed_clusters(counts)}", flush=True)
             wandb.finish()
             results.append(test)
         if len(results) > 1:
