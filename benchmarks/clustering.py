@@ -1,9 +1,9 @@
 """Train a clustering (or semi-supervised) config for an epoch or wall-clock budget and print, per
 epoch, the validation purity / Hungarian accuracy / NMI / ARI (and classification error) with the
 wall time; then the same on the test set, the test clusters' sizes and those that mix classes
-(which digits share clusters: most lost purity is that). With several ``--seeds`` it trains once per seed and ends
-with the mean and standard deviation of the test figures: on Fashion-MNIST two seeds of one config
-can differ by several points of accuracy, more than most settings change it.
+(which digits share clusters: most lost purity is that). With several ``--seeds`` it trains once
+per seed and ends with the mean and standard deviation of the test figures: on Fashion-MNIST two
+seeds of one config can differ by several points of accuracy, more than most settings change it.
 
 ``--datasets`` runs named real datasets one after the other in the same command (each with the
 DataModule and split it needs): ``mnist-sample`` (../shared/data/mnist-sample, 2,000 training and
@@ -33,6 +33,7 @@ import wandb
 from lightning.pytorch.callbacks import Checkpoint
 
 from aae_lightning.cli import cli_main, one_line_errors
+from aae_lightning.metrics import contingency_from_labels
 
 # name: (DataModule, folder, its other CLI arguments, how to get the folder where it is missing)
 DATASETS = {
@@ -77,14 +78,15 @@ class EpochReport(L.Callback):
 
 
 @torch.no_grad()
-def test_counts(model, datamodule) -> list[list[int]]:
+def cluster_class_counts(model, datamodule) -> list[list[int]]:
     """counts[k][c]: test images of class c in cluster k (the argmax of the cluster code)."""
     model.eval()
-    counts = torch.zeros(next(c.dim for c in model.codes if c.name == model.cluster_code), datamodule.num_classes, dtype=torch.long)
-    for x, labels in datamodule.test_dataloader():
-        clusters = model.encode(x.to(model.device))[model.cluster_code].argmax(1).cpu()
-        counts.index_put_((clusters, labels), torch.ones_like(labels), accumulate=True)
-    return counts.tolist()
+    clusters, labels = [], []
+    for x, y in datamodule.test_dataloader():
+        clusters.append(model.encode(x.to(model.device))[model.cluster_code].argmax(1).cpu())
+        labels.append(y)
+    num_clusters = next(c.dim for c in model.codes if c.name == model.cluster_code)
+    return contingency_from_labels(torch.cat(clusters).numpy(), torch.cat(labels).numpy(), num_clusters, datamodule.num_classes).tolist()
 
 
 def mixed_clusters(counts: list[list[int]], share: float = 0.2) -> str:
@@ -141,7 +143,7 @@ def main():
                 (test,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
             print("test " + " ".join(f"{c}={test[f'test/{c}']:.4f}" for c in COLUMNS if f"test/{c}" in test), flush=True)
             if cli.model.cluster_code is not None:
-                counts = test_counts(cli.model, cli.datamodule)
+                counts = cluster_class_counts(cli.model, cli.datamodule)
                 # sizes too: the balance terms and the uniform prior ask for equal ones
                 print(f"test cluster sizes, largest first: {' '.join(str(n) for n in sorted(map(sum, counts), reverse=True))}", flush=True)
                 print(f"test clusters mixing classes (cluster: class x count, of its size): {mixed_clusters(counts)}", flush=True)

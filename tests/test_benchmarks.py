@@ -33,10 +33,10 @@ def test_clustering_benchmark_trains_once_per_seed_and_summarises_the_test_figur
     assert len(reached) == 2 and all(re.search(r">= 0.95: (\d+ s \(epoch 0\)|not reached)", line) for line in reached)
     tests = [dict(re.findall(r"(\w+)=([\d.]+)", line)) for line in lines if line.startswith("test purity")]
     assert len(tests) == 2
-    # which test clusters mix classes: each named with its main classes' counts, which leave 20% or
-    # more of it to classes other than its largest
     sizes = [[int(n) for n in line.split(": ")[1].split()] for line in lines if line.startswith("test cluster sizes, largest first: ")]
     assert len(sizes) == 2 and all(s == sorted(s, reverse=True) and sum(s) == 200 for s in sizes)  # every test image of the fixture, once
+    # which test clusters mix classes: each named with its main classes' counts, which leave 20% or
+    # more of it to classes other than its largest
     mixing = [line.split("): ", 1)[1] for line in lines if line.startswith("test clusters mixing classes")]
     assert len(mixing) == 2
     for cell in (c for line in mixing if line != "none" for c in line.split("; ")):
