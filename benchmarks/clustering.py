@@ -33,6 +33,7 @@ import wandb
 from lightning.pytorch.callbacks import Checkpoint
 
 from aae_lightning.cli import cli_main, one_line_errors
+from aae_lightning.figures import encode_split
 from aae_lightning.metrics import contingency_from_labels
 
 # name: (DataModule, folder, its other CLI arguments, how to get the folder where it is missing)
@@ -80,13 +81,9 @@ class EpochReport(L.Callback):
 @torch.no_grad()
 def cluster_class_counts(model, datamodule) -> list[list[int]]:
     """counts[k][c]: test images of class c in cluster k (the argmax of the cluster code)."""
-    model.eval()
-    clusters, labels = [], []
-    for x, y in datamodule.test_dataloader():
-        clusters.append(model.encode(x.to(model.device))[model.cluster_code].argmax(1).cpu())
-        labels.append(y)
-    num_clusters = next(c.dim for c in model.codes if c.name == model.cluster_code)
-    return contingency_from_labels(torch.cat(clusters).numpy(), torch.cat(labels).numpy(), num_clusters, datamodule.num_classes).tolist()
+    images, labels = datamodule.splits["test"][:2]
+    probs = encode_split(model, images, labels)[f"code/{model.cluster_code}"]
+    return contingency_from_labels(probs.argmax(1).numpy(), labels.numpy(), probs.shape[1], datamodule.num_classes).tolist()
 
 
 def mixed_clusters(counts: list[list[int]], share: float = 0.2) -> str:
