@@ -187,7 +187,7 @@ class AdversarialAutoencoder(L.LightningModule):
         self.supervised_code, self.lr_supervised = supervised_code, lr_supervised
         self.supervised_perturbation = supervised_perturbation
         # the perturbed codes of the phase running its terms (see perturbed_code); None outside one
-        self._perturbed_codes: dict[tuple[str, str], torch.Tensor] | None = None
+        self._perturbed_codes: dict[tuple[str, str | None], dict[str, torch.Tensor]] | None = None
         if figures_every_n_epochs < 0:
             raise ValueError(f"AdversarialAutoencoder: figures_every_n_epochs must be >= 0, got {figures_every_n_epochs}")
         self.figures_every_n_epochs = figures_every_n_epochs
@@ -310,18 +310,23 @@ class AdversarialAutoencoder(L.LightningModule):
         finally:
             self._perturbed_codes = None
 
-    def perturbed_code(self, perturbation: Perturbation, x: torch.Tensor, code: str) -> torch.Tensor:
-        """q(code | perturbation(x)), with gradients to the encoder. Within one phase, terms with
-        equal perturbations (same class and settings) on the same code share one draw and one
-        encoder pass: the copy costs a full forward and backward through the encoder."""
+    def perturbed_codes(self, perturbation: Perturbation, x: torch.Tensor, code: str) -> dict[str, torch.Tensor]:
+        """Every inferred code of ``perturbation(x)``, with gradients to the encoder; an adversarial
+        perturbation is drawn against ``code``. Within one phase, terms with equal perturbations
+        (same class and settings; for an adversarial one, the same code too) share one draw and
+        one encoder pass: the copy costs a full forward and backward through the encoder."""
         shared = self._perturbed_codes if self._perturbed_codes is not None else {}
-        key = (repr(perturbation), code)
+        key = (repr(perturbation), code if perturbation.uses_predict else None)
         if key not in shared:
             def predict(images):
                 return self.encode(images)[code]
 
-            shared[key] = predict(perturbation(x, predict))
+            shared[key] = self.encode(perturbation(x, predict))
         return shared[key]
+
+    def perturbed_code(self, perturbation: Perturbation, x: torch.Tensor, code: str) -> torch.Tensor:
+        """q(code | perturbation(x)): :meth:`perturbed_codes`' entry for ``code``."""
+        return self.perturbed_codes(perturbation, x, code)[code]
 
     def supervised_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         q = self.encode(x)[self.supervised_code]

@@ -14,6 +14,9 @@ Predict = Callable[[torch.Tensor], torch.Tensor]
 class Perturbation:
     """A random (or adversarial) change of an image batch, drawn afresh at every call."""
 
+    # whether the change depends on ``predict``: then a copy serves only the code it was drawn for
+    uses_predict = False
+
     def __call__(self, x: torch.Tensor, predict: Predict) -> torch.Tensor:
         raise NotImplementedError
 
@@ -81,6 +84,8 @@ class VirtualAdversarial(Perturbation):
     scaled to an L2 radius: ``radius`` itself, or with ``neighbour`` = k, ``radius`` times each
     image's distance to its k-th nearest neighbour in the batch (IMSAT's per-example radius).
     ``xi``: the length of the probe step; much smaller and float32 loses the curvature."""
+
+    uses_predict = True
 
     def __init__(self, radius: float = 0.25, neighbour: int | None = 10, xi: float = 0.1):
         if radius <= 0 or xi <= 0 or (neighbour is not None and neighbour < 1):

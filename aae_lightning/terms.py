@@ -142,6 +142,37 @@ class HeadSeparation(TrainingTerm):
         return F.relu(self.threshold - distance).sum()
 
 
+class InstanceContrast(PerturbedTerm):
+    """NT-Xent (SimCLR, Chen et al. 2020): each image's ``features`` (the named inferred codes,
+    joined; default all of them) must lie nearer in cosine to its own perturbed copy's than to any
+    other image's or copy's in the batch, a 2N-way classification at ``temperature``. The cluster
+    terms compare categories only; this one asks the encoder to tell the images themselves apart,
+    what Contrastive Clustering (Li et al. 2021) adds to a cluster-level term. On the style code
+    alone: with the categorical code among the features, images of one cluster are negatives that
+    the term pushes apart, against the cluster terms (docs/experiments.md)."""
+
+    def __init__(self, perturbation: Perturbation, temperature: float = 0.5, features: list[str] | None = None, **kwargs):
+        super().__init__(perturbation, **kwargs)
+        if temperature <= 0:
+            raise ValueError(f"InstanceContrast: temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.features = features
+
+    def loss(self, model, x, codes):
+        copies = model.perturbed_codes(self.perturbation, x, self.code)
+        names = self.features or list(copies)
+        unknown = [name for name in names if name not in copies]
+        if unknown:
+            raise ValueError(f"InstanceContrast: features {unknown} are not inferred codes {list(copies)}")
+        images = torch.cat([codes[name] for name in names], 1)
+        features = F.normalize(torch.cat([images, torch.cat([copies[name] for name in names], 1)]), dim=1)
+        similarity = features @ features.T / self.temperature
+        n = len(images)
+        similarity = similarity.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=x.device), float("-inf"))
+        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(x.device)
+        return F.cross_entropy(similarity, partner)
+
+
 class PairedMutualInformation(PerturbedTerm):
     """log K - I(y; y') between the code of an image and of its perturbed copy (IIC, Ji et al.
     2019): the joint of the pair over the batch, symmetrised, is pushed towards confident,

@@ -7,8 +7,8 @@ import lightning as L
 import pytest
 import torch
 
-from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Consistency, GaussianPrior, LatentCode,
-                           MutualInformation, PairedMutualInformation, RandomAffine, RandomShift, SelfLabelling, VirtualAdversarial)
+from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Consistency, GaussianPrior, InstanceContrast,
+                           LatentCode, MutualInformation, PairedMutualInformation, RandomAffine, RandomShift, SelfLabelling, VirtualAdversarial)
 from aae_lightning.data import TensorBatches
 
 
@@ -115,6 +115,61 @@ def test_terms_with_equal_perturbations_share_one_copy_and_encoder_pass_per_phas
     for _ in range(2):
         model.terms[0].loss(model, x, model.encode(x))
     assert len(passes) == 10
+
+
+def test_a_random_copy_serves_every_code_and_an_adversarial_one_only_its_own():
+    torch.manual_seed(0)
+    codes = {"y": LatentCode(CategoricalPrior(4)), "o": LatentCode(CategoricalPrior(6)), "z": LatentCode(GaussianPrior(2))}
+    terms = [Consistency(RandomAffine(), code="y"), Consistency(RandomAffine(), code="o")]
+    model = AdversarialAutoencoder(codes, terms=terms, discriminator_hidden=(8,))
+    passes = []
+    model.encoder.register_forward_hook(lambda module, inputs, output: passes.append(inputs[0]))
+    x = square_batch()
+    model.term_losses(x, model.encode(x), "generator")
+    assert len(passes) == 2  # the clean batch and one copy for both codes
+    # a virtual adversarial direction is the one that changes its own code most: one draw per code
+    for term in model.terms:
+        term.perturbation = VirtualAdversarial(radius=1.0, neighbour=None)
+    passes.clear()
+    model.term_losses(x, model.encode(x), "generator")
+    assert len(passes) == 1 + 2 * 3  # per code: the clean target, the probe, the copy
+
+
+def test_instance_contrast_wants_each_copy_nearest_its_own_image():
+    identity = RandomAffine(degrees=0, scale=(1, 1), max_shift=0)
+    term = InstanceContrast(identity, code="y", temperature=0.5)
+    x = square_batch(8)
+    codes = {"y": torch.eye(8)[:, :6], "z": torch.eye(8)[:, 6:]}  # eight orthogonal unit vectors, joined
+
+    def contrast(copies):
+        return term.loss(SimpleNamespace(perturbed_codes=lambda perturbation, images, code: copies), x, codes)
+
+    # each of the 16 rows: its partner at cosine 1, the 14 others at 0
+    assert contrast(codes) == pytest.approx(math.log(1 + 14 * math.exp(-2)), abs=1e-5)
+    swapped = {name: code[[1, 0, 3, 2, 5, 4, 7, 6]] for name, code in codes.items()}
+    assert contrast(swapped) > contrast(codes) + 1.0  # each copy nearest another image
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        InstanceContrast(identity, temperature=0)
+
+    # features: only the named codes count; copies whose y alone is swapped cost nothing more on z
+    codes = {"y": torch.eye(8)[:, :4], "z": torch.randn(8, 3)}
+    y_swapped = {"y": codes["y"][[1, 0, 3, 2, 5, 4, 7, 6]], "z": codes["z"]}
+    assert contrast(y_swapped) > contrast(codes) + 0.1
+    term.features = ["z"]
+    assert contrast(y_swapped) == pytest.approx(contrast(codes).item(), abs=1e-6)
+    term.features = ["w"]
+    with pytest.raises(ValueError, match=r"features \['w'\] are not inferred codes \['y', 'z'\]"):
+        contrast(codes)
+
+    # it shares the consistency term's copy and trains the encoder through both sides
+    torch.manual_seed(0)
+    model = model_with(Consistency(RandomAffine()), InstanceContrast(RandomAffine()))
+    passes = []
+    model.encoder.register_forward_hook(lambda module, inputs, output: passes.append(inputs[0]))
+    losses = model.term_losses(x, model.encode(x), "generator")
+    assert len(passes) == 2
+    losses["instancecontrast"][1].backward()
+    assert model.encoder[-1][-1].weight.grad.abs().sum() > 0
 
 
 def test_self_labelling_trains_the_copies_of_confident_images_towards_their_argmax():
