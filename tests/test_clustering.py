@@ -32,12 +32,13 @@ def fit(data_dir, *args):
 
 def test_clustering_config_purifies_clusters_on_structured_data(templates_dir):
     # 0.8, not 1.0: in these 12 epochs the paired term merges templates (IIC's weight: purity 0.90,
-    # 12 of 16 clusters used; the config's marginal_weight 0.75: 0.83, 9 used; docs/experiments.md),
-    # the price of +5 and then +4 points of purity on real digits
+    # 12 of 16 clusters used; the config's marginal_weight 0.75: 0.83, 9 used; with the style code's
+    # instance contrast 0.826, 8 used; docs/experiments.md), the price of +5, +4 and +2 points of
+    # purity on real digits
     cli = fit(templates_dir)
     metrics = cli.trainer.callback_metrics
     assert metrics["val/purity"] > 0.8, {k: v.item() for k, v in metrics.items() if k.startswith("val/")}
-    assert metrics["val/clusters_used"] >= 9
+    assert metrics["val/clusters_used"] >= 8
     (test,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
     assert test["test/purity"] > 0.8
 
