@@ -184,6 +184,10 @@ class AdversarialAutoencoder(L.LightningModule):
                 raise ValueError(f"AdversarialAutoencoder: {term!r} needs one of the inferred categorical codes {categorical}")
             if term.needs_heads and by_name[term.code].added_to is None:
                 raise ValueError(f"AdversarialAutoencoder: {term!r} needs cluster heads: give code {term.code!r} added_to")
+            unknown = [name for name in term.codes_read if by_name.get(name) is None or not by_name[name].inferred]
+            if unknown:
+                inferred = [c.name for c in self.codes if c.inferred]
+                raise ValueError(f"AdversarialAutoencoder: {term!r} reads codes {unknown}, which are not inferred codes {inferred}")
         self.supervised_code, self.lr_supervised = supervised_code, lr_supervised
         self.supervised_perturbation = supervised_perturbation
         # the perturbed codes of the phase running its terms (see perturbed_code); None outside one

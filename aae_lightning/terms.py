@@ -43,6 +43,11 @@ class TrainingTerm:
     def name(self) -> str:
         return type(self).__name__.lower()
 
+    @property
+    def codes_read(self) -> list[str]:
+        """Codes besides ``code`` that the loss reads; the model checks that it infers them."""
+        return []
+
     def loss(self, model, x: torch.Tensor, codes: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -158,12 +163,13 @@ class InstanceContrast(PerturbedTerm):
         self.temperature = temperature
         self.features = features
 
+    @property
+    def codes_read(self) -> list[str]:
+        return list(self.features or [])
+
     def loss(self, model, x, codes):
         copies = model.perturbed_codes(self.perturbation, x, self.code)
         names = self.features or list(copies)
-        unknown = [name for name in names if name not in copies]
-        if unknown:
-            raise ValueError(f"InstanceContrast: features {unknown} are not inferred codes {list(copies)}")
         images = torch.cat([codes[name] for name in names], 1)
         features = F.normalize(torch.cat([images, torch.cat([copies[name] for name in names], 1)]), dim=1)
         similarity = features @ features.T / self.temperature

@@ -157,9 +157,8 @@ def test_instance_contrast_wants_each_copy_nearest_its_own_image():
     assert contrast(y_swapped) > contrast(codes) + 0.1
     term.features = ["z"]
     assert contrast(y_swapped) == pytest.approx(contrast(codes).item(), abs=1e-6)
-    term.features = ["w"]
-    with pytest.raises(ValueError, match=r"features \['w'\] are not inferred codes \['y', 'z'\]"):
-        contrast(codes)
+    with pytest.raises(ValueError, match=r"reads codes \['w'\], which are not inferred codes \['y', 'z'\]"):
+        model_with(InstanceContrast(identity, features=["w"]))
 
     # it shares the consistency term's copy and trains the encoder through both sides
     torch.manual_seed(0)
