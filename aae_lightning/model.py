@@ -130,6 +130,7 @@ class AdversarialAutoencoder(L.LightningModule):
                     f"AdversarialAutoencoder: code {c.name!r} ({'taken from the label' if not c.inferred else 'label-conditioned'}) "
                     f"has a prior with {parts} parts but the data has {num_classes} classes: {c.prior!r}"
                 )
+        inferred = [c.name for c in self.codes if c.inferred]
         categorical = [c.name for c in self.codes if c.prior.num_classes and c.inferred]
         if cluster_code is not None and cluster_code not in categorical:
             raise ValueError(f"AdversarialAutoencoder: cluster_code={cluster_code!r} is not one of the inferred categorical codes {categorical}")
@@ -184,13 +185,12 @@ class AdversarialAutoencoder(L.LightningModule):
                 raise ValueError(f"AdversarialAutoencoder: {term!r} needs one of the inferred categorical codes {categorical}")
             if term.needs_heads and by_name[term.code].added_to is None:
                 raise ValueError(f"AdversarialAutoencoder: {term!r} needs cluster heads: give code {term.code!r} added_to")
-            unknown = [name for name in term.codes_read if by_name.get(name) is None or not by_name[name].inferred]
+            unknown = [name for name in term.codes_read if name not in inferred]
             if unknown:
-                inferred = [c.name for c in self.codes if c.inferred]
                 raise ValueError(f"AdversarialAutoencoder: {term!r} reads codes {unknown}, which are not inferred codes {inferred}")
         self.supervised_code, self.lr_supervised = supervised_code, lr_supervised
         self.supervised_perturbation = supervised_perturbation
-        # the perturbed codes of the phase running its terms (see perturbed_code); None outside one
+        # the perturbed copies' codes of the phase running its terms (see perturbed_codes); None outside one
         self._perturbed_codes: dict[tuple[str, str | None], dict[str, torch.Tensor]] | None = None
         if figures_every_n_epochs < 0:
             raise ValueError(f"AdversarialAutoencoder: figures_every_n_epochs must be >= 0, got {figures_every_n_epochs}")
