@@ -11,6 +11,13 @@ import torch.nn.functional as F
 from aae_lightning.perturbations import Perturbation
 
 
+def fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 under bf16 autocast too: the codes are fp32, and a product of them in bf16
+    (8 bits of mantissa) would feed its rounding to the terms' logarithms and softmaxes."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a @ b
+
+
 def entropy(p: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of each row of probabilities."""
     return -(p * torch.log(p + 1e-8)).sum(-1)
@@ -172,7 +179,7 @@ class InstanceContrast(PerturbedTerm):
         names = self.features or list(copies)
         images = torch.cat([codes[name] for name in names], 1)
         features = F.normalize(torch.cat([images, torch.cat([copies[name] for name in names], 1)]), dim=1)
-        similarity = features @ features.T / self.temperature
+        similarity = fp32_matmul(features, features.T) / self.temperature
         n = len(images)
         similarity = similarity.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=x.device), float("-inf"))
         partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(x.device)
@@ -198,7 +205,7 @@ class PairedMutualInformation(PerturbedTerm):
 
     def loss(self, model, x, codes):
         q = codes[self.code]
-        joint = q.T @ self.perturbed_code(model, x) / len(q)
+        joint = fp32_matmul(q.T, self.perturbed_code(model, x)) / len(q)
         joint = ((joint + joint.T) / 2).clamp_min(1e-8)
 
         def plogp(p):

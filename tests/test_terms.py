@@ -171,6 +171,22 @@ def test_instance_contrast_wants_each_copy_nearest_its_own_image():
     assert model.encoder[-1][-1].weight.grad.abs().sum() > 0
 
 
+def test_the_pair_terms_compare_codes_in_fp32_under_bf16_autocast():
+    """The codes are fp32; their products in the contrast and the paired joint must not round to bf16."""
+    identity = RandomAffine(degrees=0, scale=(1, 1), max_shift=0)
+    torch.manual_seed(0)
+    x = square_batch(32)
+    codes = {"y": torch.softmax(3 * torch.randn(32, 10), 1), "z": torch.randn(32, 5)}
+    copies = {"y": torch.softmax(3 * torch.randn(32, 10), 1), "z": codes["z"] + 0.1 * torch.randn(32, 5)}
+    model = SimpleNamespace(perturbed_codes=lambda perturbation, images, code: copies,
+                            perturbed_code=lambda perturbation, images, code: copies[code])
+    for term in (InstanceContrast(identity, code="y"), PairedMutualInformation(identity, code="y")):
+        fp32 = term.loss(model, x, codes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = term.loss(model, x, codes)
+        assert mixed.dtype == torch.float32 and torch.equal(mixed, fp32), type(term).__name__
+
+
 def test_self_labelling_trains_the_copies_of_confident_images_towards_their_argmax():
     identity = RandomAffine(degrees=0, scale=(1, 1), max_shift=0)
     term = SelfLabelling(identity, code="y", threshold=0.9)
