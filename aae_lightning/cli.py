@@ -8,10 +8,12 @@ from contextlib import contextmanager
 
 import wandb
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from aae_lightning.checkpointing import CheckpointError, check_ckpt_path, check_matches, find_last_checkpoint, load_checkpoint
 from aae_lightning.data import DataError, ImageDataModule
 from aae_lightning.model import AdversarialAutoencoder, NonFiniteLossError
+from aae_lightning.precision import choose_precision
 from aae_lightning.predictions import PredictionWriter
 from aae_lightning.runs import RunSummary
 from aae_lightning.tracking import (
@@ -43,6 +45,8 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
     # the figures verb hands the CLI the arguments it does not take itself, not sys.argv
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    # the model summary counts parameters in 32 bits under bf16 autocast, which is right: they are fp32
+    warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
     # Lightning 2.6 advertises its hosted logger at every start; this project logs to W&B
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
@@ -75,6 +79,13 @@ class AAECLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.num_classes", compute_fn=lambda d: d.num_classes, apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs):
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("precision") is None:
+            precision, why = choose_precision(config.get("accelerator", "auto"))
+            kwargs["precision"] = precision
+            rank_zero_info(f"precision: {precision}, as {why} (--trainer.precision=32-true or bf16-mixed forces either)")
+        else:
+            rank_zero_info(f"precision: {config['precision']}, as the config asks")
         trainer = super().instantiate_trainer(**kwargs)
         keep_checkpoints_local_offline(trainer.loggers)
         drop_deprecated_wandb_settings(trainer.loggers)

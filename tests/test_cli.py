@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import yaml
 from PIL import Image
 
 from aae_lightning.cli import cli_main
+from aae_lightning.precision import choose_precision, cpu_has_bf16
 from conftest import CONFIGS
 from aae_lightning.offline_runs import offline_runs
 
@@ -82,6 +84,31 @@ def test_one_flag_changes_one_code_and_the_model_follows(mnist_dir):
     codes = model.encode(torch.rand(3, 1, 28, 28))
     assert codes["y"].shape == (3, 30) and codes["z"].shape == (3, 7)
     assert model.discriminators["y"].net[0].in_features == 30 and model.cluster_metrics["val"].table["val/purity"].num_clusters == 30
+
+
+def test_precision_is_chosen_at_start_up_and_a_config_forces_either(mnist_dir, caplog):
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = set(cpuinfo.read_text().split())
+        assert cpu_has_bf16() == bool(flags & {"avx512_bf16", "amx_tile"})
+    args = ["--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}", "--data.download=false",
+            "--trainer.logger=false", "--trainer.accelerator=cpu"]
+    chosen = "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+    def precision_lines() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("precision:")]
+        caplog.clear()
+        return lines
+
+    with caplog.at_level(logging.INFO):
+        assert cli_main(args, run=False).trainer.precision == chosen
+        (line,) = precision_lines()
+        assert line.startswith(f"precision: {chosen}, as this CPU")
+        for forced in ("32-true", "bf16-mixed"):
+            assert cli_main([*args, f"--trainer.precision={forced}"], run=False).trainer.precision == forced
+            assert precision_lines() == [f"precision: {forced}, as the config asks"]
+    # an accelerator without a bf16 check (Apple's MPS) trains in fp32
+    assert choose_precision("mps")[0] == "32-true"
 
 
 def test_unknown_config_key_fails_with_a_clear_message(capsys):
