@@ -1,10 +1,11 @@
 """The precision a run trains in when its config leaves ``trainer.precision`` unset: bf16 autocast
 where the device multiplies bf16 natively, fp32 elsewhere.
 
-On this project's development CPU (avx512_bf16) the clustering nets train 1.6x faster in bf16 with
-fp32's quality over three seeds on digits and Fashion-MNIST (each net's output layer and batch norms,
-the codes, logits and losses stay fp32: ``nets.FullPrecision``); without bf16 units autocast would
-emulate bf16 and run slower than fp32. A config or ``--trainer.precision`` still forces either.
+On this project's development CPU (avx512_bf16) the nets train 1.4-1.6x faster in bf16, with fp32's
+quality over three seeds on Fashion-MNIST and semi-supervised digits (each net's output layer and
+batch norms, the codes, logits and losses stay fp32: ``nets.FullPrecision``); without bf16 units
+autocast would emulate bf16 and run slower than fp32. A config or ``--trainer.precision`` still
+forces either: the configs with a contrast term set fp32, where bf16 lost purity (README).
 """
 
 import torch
