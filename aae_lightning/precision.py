@@ -5,7 +5,8 @@ On this project's development CPU (avx512_bf16) the nets train 1.4-1.6x faster i
 quality over three seeds on Fashion-MNIST and semi-supervised digits (each net's output layer and
 batch norms, the codes, logits and losses stay fp32: ``nets.FullPrecision``); without bf16 units
 autocast would emulate bf16 and run slower than fp32. A config or ``--trainer.precision`` still
-forces either: the configs with a contrast term set fp32, where bf16 lost purity (README).
+forces either: `clustering.yaml` (K = 16, with the contrast term) sets fp32, where bf16 lost purity;
+K = 10 with the same term gained in bf16 and sets none (README).
 """
 
 import torch
