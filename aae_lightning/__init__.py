@@ -11,7 +11,7 @@ from aae_lightning.perturbations import RandomAffine, RandomShift, VirtualAdvers
 from aae_lightning.predictions import PredictionWriter
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
 from aae_lightning.runs import RunSummary
-from aae_lightning.terms import Balance, Consistency, HeadSeparation, InstanceContrast, MutualInformation, PairedMutualInformation, SelfLabelling, TrainingTerm
+from aae_lightning.terms import Balance, Consistency, HeadSeparation, InstanceContrast, MutualInformation, NeighbourAgreement, PairedMutualInformation, SelfLabelling, TrainingTerm
 
 __all__ = [
     "AdversarialAutoencoder",
@@ -23,6 +23,7 @@ __all__ = [
     "Consistency",
     "EMAWeights",
     "PairedMutualInformation",
+    "NeighbourAgreement",
     "SelfLabelling",
     "FashionMNISTDataModule",
     "GaussianMixturePrior",

@@ -216,6 +216,18 @@ class AdversarialAutoencoder(L.LightningModule):
                     codes[c.name] = F.one_hot(labels, c.dim).to(x.dtype)
         return codes
 
+    def encode_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the encoder's last hidden layer, the codes) of a batch: the hidden layer is the input
+        of the encoder's output layer (its last module without children)."""
+        output_layer = [m for m in self.encoder.modules() if not list(m.children())][-1]
+        seen: list[torch.Tensor] = []
+        handle = output_layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            codes = self.encode(x)
+        finally:
+            handle.remove()
+        return seen[0].flatten(1).float(), codes
+
     def head_matrix(self, name: str) -> torch.Tensor:
         """W of a code that is added to another one: one row (head) per category."""
         return self.heads[name] if name in self.heads else getattr(self, f"fixed_heads_{name}")

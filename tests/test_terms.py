@@ -1,6 +1,7 @@
 """Training terms and perturbations against hand-checked cases."""
 
 import math
+import pickle
 from types import SimpleNamespace
 
 import lightning as L
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Consistency, GaussianPrior, InstanceContrast,
-                           LatentCode, MutualInformation, PairedMutualInformation, RandomAffine, RandomShift, SelfLabelling, VirtualAdversarial)
+                           LatentCode, MutualInformation, NeighbourAgreement, PairedMutualInformation, RandomAffine, RandomShift, SelfLabelling, VirtualAdversarial)
 from aae_lightning.data import TensorBatches
 
 
@@ -285,3 +286,29 @@ def test_virtual_adversarial_perturbation_has_the_radius_asked(neighbour):
         assert divergence(moved) > divergence(random)
 
 
+
+
+def test_neighbour_agreement_pulls_each_image_towards_its_nearest_other_images_codes():
+    torch.manual_seed(0)
+    squares, bars = square_batch(4), torch.zeros(4, 1, 28, 28)
+    bars[:, :, :, 12:16] = 1.0
+    x = torch.cat([squares, bars]) + 0.05 * torch.rand(8, 1, 28, 28)
+    term = NeighbourAgreement(neighbours=2, memory_size=8)
+    model = model_with(term, k=8).eval()  # batch norm's running statistics: an image's hidden layer is its own
+    hidden, codes = model.encode_with_features(x)
+    assert hidden.shape == (8, 1000) and torch.equal(codes["y"], model.encode(x)["y"])
+    assert term.loss(model, x, codes) == 0  # the memory fills first
+    features, _, prints = term._memory
+
+    def loss(memory_codes, q, neighbours=2):
+        term._memory, term.neighbours = (features, memory_codes, prints), neighbours
+        return term.loss(model, x, {"y": q, "z": codes["z"]})
+
+    kinds = torch.eye(8)[[0, 0, 0, 0, 1, 1, 1, 1]]  # squares in category 0, bars in 1
+    assert loss(kinds, kinds).abs() < 1e-6  # each image's two nearest are of its own kind
+    assert loss(kinds, kinds[[4, 5, 6, 7, 0, 1, 2, 3]]) == pytest.approx(-math.log(1e-8), rel=1e-3)
+    # an image's own entry is never its neighbour: with a category per image, agreeing with its own fails
+    assert loss(torch.eye(8), torch.eye(8), neighbours=1) == pytest.approx(-math.log(1e-8), rel=1e-3)
+    assert pickle.loads(pickle.dumps(term))._memory is None  # checkpoints leave the memory out
+    with pytest.raises(ValueError, match="need 1 <= neighbours < memory_size"):
+        NeighbourAgreement(neighbours=4, memory_size=4)
