@@ -286,8 +286,6 @@ def test_virtual_adversarial_perturbation_has_the_radius_asked(neighbour):
         assert divergence(moved) > divergence(random)
 
 
-
-
 def test_neighbour_agreement_pulls_each_image_towards_its_nearest_other_images_codes():
     torch.manual_seed(0)
     squares, bars = square_batch(4), torch.zeros(4, 1, 28, 28)
