@@ -59,7 +59,9 @@ class TrainingTerm:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+        # the settings only: a term's private state (a memory of codes) is not part of what it is
+        settings = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
 
 
 class MutualInformation(TrainingTerm):
@@ -259,7 +261,3 @@ class NeighbourAgreement(TrainingTerm):
     def __getstate__(self) -> dict:
         # a model built in Python keeps its terms among its hyperparameters: no memory in checkpoints
         return {**vars(self), "_memory": None}
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(neighbours={self.neighbours}, memory_size={self.memory_size}, weight={self.weight}, "
-                f"code={self.code!r}, start_step={self.start_step})")
