@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from aae_lightning import AdversarialAutoencoder, CategoricalPrior, GaussianMixturePrior, GaussianPrior, LatentCode
 from aae_lightning.data import TensorBatches
-from aae_lightning.nets import MLPDecoder, MLPEncoder
+from aae_lightning.nets import MLPDecoder, MLPEncoder, VGGEncoder
 from conftest import structured_images
 
 
@@ -91,6 +91,18 @@ def test_each_phase_updates_only_its_own_parameters():
     ae, d, g = (o.param_groups[0]["params"] for o in trainer.optimizers)
     assert {id(p) for p in d}.isdisjoint({id(p) for p in ae + g})
     assert {id(p) for p in g} == {id(p) for p in model.encoder.parameters()}
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_vgg_encoder_pools_each_block_and_feeds_its_hidden_layer_to_the_codes(shape):
+    encoder = partial(VGGEncoder, channels=(4, 8, 16), hidden=24, convs_per_block=2)
+    model = small_model({"y": LatentCode(CategoricalPrior(5)), "z": LatentCode(GaussianPrior(3))}, encoder=encoder,
+                        decoder=partial(MLPDecoder, hidden=(32,)), input_shape=shape)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.encoder.modules()) == 6
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.encoder.modules()) == 3
+    hidden, codes = model.encode_with_features(torch.rand(7, *shape))
+    assert hidden.shape == (7, 24) and codes["y"].shape == (7, 5) and codes["z"].shape == (7, 3)
+    assert torch.allclose(codes["y"].sum(1), torch.ones(7))
 
 
 def test_codes_are_split_and_activated_by_their_priors():
