@@ -80,6 +80,13 @@ class MLPDecoder(nn.Module):
         return self.net(codes).view(-1, *self.output_shape)
 
 
+def code_head(features: int, hidden: int, out_dim: int) -> list[nn.Module]:
+    """The conv encoders' last layers: flattened feature maps -> one hidden layer -> the raw codes
+    (in fp32). The hidden layer is the input of the output layer, which ``encode_with_features``
+    reads."""
+    return [nn.Flatten(), nn.Linear(features, hidden), nn.ReLU(), FullPrecisionLinear(hidden, out_dim)]
+
+
 class ConvEncoder(nn.Sequential):
     """Strided-conv encoder (stride 2, batch-normalised) for 28x28 digits and 32x32 colour images
     (SVHN), where MLPs waste capacity on pixels and tie a code to where a stroke lies."""
@@ -90,7 +97,7 @@ class ConvEncoder(nn.Sequential):
         for c_out in channels:
             layers += [nn.Conv2d(c, c_out, 4, stride=2, padding=1), FullPrecisionBatchNorm2d(c_out), nn.ReLU()]
             c, h, w = c_out, h // 2, w // 2
-        super().__init__(*layers, nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), FullPrecisionLinear(hidden, out_dim))
+        super().__init__(*layers, *code_head(c * h * w, hidden, out_dim))
 
 
 class VGGEncoder(nn.Sequential):
@@ -108,7 +115,7 @@ class VGGEncoder(nn.Sequential):
                 c = c_out
             layers.append(nn.MaxPool2d(2))
             h, w = h // 2, w // 2
-        super().__init__(*layers, nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), FullPrecisionLinear(hidden, out_dim))
+        super().__init__(*layers, *code_head(c * h * w, hidden, out_dim))
 
 
 class ConvDecoder(nn.Module):
