@@ -80,6 +80,16 @@ class MLPDecoder(nn.Module):
         return self.net(codes).view(-1, *self.output_shape)
 
 
+def check_blocks(encoder: str, input_shape: Sequence[int], channels: Sequence[int]) -> None:
+    """A conv encoder halves the image once per entry of ``channels``: name what cannot be built
+    rather than fail later with a shape error deep inside a layer."""
+    if not channels or min(channels) < 1:
+        raise ValueError(f"{encoder}: channels must be one or more positive widths, got {list(channels)}")
+    if min(input_shape[1:]) < 2 ** len(channels):
+        raise ValueError(f"{encoder}: {len(channels)} blocks halve a {input_shape[1]}x{input_shape[2]} image "
+                         f"below one pixel; give at most {int(math.log2(min(input_shape[1:])))} channels")
+
+
 def code_head(features: int, hidden: int, out_dim: int) -> list[nn.Module]:
     """The conv encoders' last layers: flattened feature maps -> one hidden layer -> the raw codes
     (in fp32). The hidden layer is the input of the output layer, which ``encode_with_features``
@@ -92,6 +102,7 @@ class ConvEncoder(nn.Sequential):
     (SVHN), where MLPs waste capacity on pixels and tie a code to where a stroke lies."""
 
     def __init__(self, input_shape: Sequence[int], out_dim: int, channels: Sequence[int] = (64, 128, 256), hidden: int = 1000):
+        check_blocks("ConvEncoder", input_shape, channels)
         c, h, w = input_shape
         layers: list[nn.Module] = []
         for c_out in channels:
@@ -107,6 +118,9 @@ class VGGEncoder(nn.Sequential):
 
     def __init__(self, input_shape: Sequence[int], out_dim: int, channels: Sequence[int] = (32, 64, 128), hidden: int = 500,
                  convs_per_block: int = 2):
+        check_blocks("VGGEncoder", input_shape, channels)
+        if convs_per_block < 1:
+            raise ValueError(f"VGGEncoder: convs_per_block must be >= 1, got {convs_per_block}")
         c, h, w = input_shape
         layers: list[nn.Module] = []
         for c_out in channels:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from aae_lightning import AdversarialAutoencoder, CategoricalPrior, GaussianMixturePrior, GaussianPrior, LatentCode
 from aae_lightning.data import TensorBatches
-from aae_lightning.nets import MLPDecoder, MLPEncoder, VGGEncoder
+from aae_lightning.nets import ConvEncoder, MLPDecoder, MLPEncoder, VGGEncoder
 from conftest import structured_images
 
 
@@ -103,6 +103,20 @@ def test_vgg_encoder_pools_each_block_and_feeds_its_hidden_layer_to_the_codes(sh
     hidden, codes = model.encode_with_features(torch.rand(7, *shape))
     assert hidden.shape == (7, 24) and codes["y"].shape == (7, 5) and codes["z"].shape == (7, 3)
     assert torch.allclose(codes["y"].sum(1), torch.ones(7))
+
+
+@pytest.mark.parametrize(
+    "encoder, message",
+    [
+        (partial(VGGEncoder, convs_per_block=0), "VGGEncoder: convs_per_block must be >= 1, got 0"),
+        (partial(VGGEncoder, channels=()), r"VGGEncoder: channels must be one or more positive widths, got \[\]"),
+        (partial(ConvEncoder, channels=(8, 0)), r"ConvEncoder: channels must be one or more positive widths, got \[8, 0\]"),
+        (partial(ConvEncoder, channels=(4, 4, 4, 4, 4)), "5 blocks halve a 28x28 image below one pixel; give at most 4 channels"),
+    ],
+)
+def test_conv_encoders_that_cannot_be_built_are_named(encoder, message):
+    with pytest.raises(ValueError, match=message):
+        encoder((1, 28, 28), 8)
 
 
 def test_codes_are_split_and_activated_by_their_priors():
