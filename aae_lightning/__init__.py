@@ -11,6 +11,7 @@ from aae_lightning.perturbations import RandomAffine, RandomShift, VirtualAdvers
 from aae_lightning.predictions import PredictionWriter
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
 from aae_lightning.runs import RunSummary
+from aae_lightning.transforms import Deskew, ImageTransform
 from aae_lightning.terms import Balance, Consistency, HeadSeparation, InstanceContrast, MutualInformation, NeighbourAgreement, PairedMutualInformation, SelfLabelling, TrainingTerm
 
 __all__ = [
@@ -27,11 +28,13 @@ __all__ = [
     "SelfLabelling",
     "FashionMNISTDataModule",
     "GaussianMixturePrior",
+    "Deskew",
     "GaussianPrior",
     "HeadSeparation",
     "InstanceContrast",
     "ImageDataModule",
     "ImageFolderDataModule",
+    "ImageTransform",
     "InterruptCheckpoint",
     "LatentCode",
     "LatentPlot",

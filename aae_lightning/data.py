@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torchvision
 
+from aae_lightning.transforms import ImageTransform
+
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -140,6 +142,9 @@ class ImageDataModule(L.LightningDataModule):
             validation. Training batches are then {"all": (images, labels with -1 where hidden),
             "labeled": (images, labels)}, the small labelled set cycling beside the whole set.
         predict_split: the split ``predict`` encodes (``test``, ``val`` or ``train``).
+        transform: opt-in, beyond the paper: a deterministic transform applied once to every
+            split as it is loaded (e.g. :class:`~aae_lightning.Deskew`), so training, metrics,
+            figures and predictions all see the transformed images.
     """
 
     name: str = ""
@@ -147,7 +152,8 @@ class ImageDataModule(L.LightningDataModule):
     num_classes: int = 10
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 100, val_size: int = 5000, seed: int = 0,
-                 num_labeled: int | None = None, predict_split: Literal["train", "val", "test"] = "test"):
+                 num_labeled: int | None = None, predict_split: Literal["train", "val", "test"] = "test",
+                 transform: ImageTransform | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"{type(self).__name__}: batch_size must be >= 1, got {batch_size}")
@@ -163,6 +169,7 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_labeled = num_labeled
         self.predict_split = predict_split
+        self.transform = transform
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # each split's rows as positions in the file it was read from (train and val share one)
         self.source_index: dict[str, torch.Tensor] = {}
@@ -177,7 +184,8 @@ class ImageDataModule(L.LightningDataModule):
                 f"{self.name} in {self.data_dir}: expected images of shape (N, {', '.join(map(str, self.input_shape))}) "
                 f"and N labels, got images {tuple(images.shape)} and {len(labels)} labels"
             )
-        return torch.from_numpy(images.astype(np.float32) / 255.0), torch.from_numpy(labels.astype(np.int64))
+        images = torch.from_numpy(images.astype(np.float32) / 255.0)
+        return images if self.transform is None else self.transform(images), torch.from_numpy(labels.astype(np.int64))
 
     def prepare_data(self):
         # Only where files are missing and downloading is allowed; runs on one process per node.

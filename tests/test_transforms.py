@@ -1,0 +1,56 @@
+import pytest
+import torch
+import yaml
+
+from aae_lightning import Deskew, MNISTDataModule
+from aae_lightning.cli import cli_main
+from conftest import CONFIGS
+
+
+def slanted_bars(slants, size=28):
+    """One bar per slant: the column of its ink moves by ``slant`` pixels per row."""
+    images = torch.zeros(len(slants), 1, size, size)
+    for i, a in enumerate(slants):
+        for row in range(6, 22):
+            images[i, 0, row, round(14 + a * (row - 14))] = 1.0
+    return images
+
+
+def test_deskew_stands_slanted_strokes_upright_about_their_centre():
+    bars = slanted_bars([-0.5, -0.2, 0.0, 0.3, 0.6])
+    before, rows_before = Deskew.slant(bars)
+    assert torch.allclose(before, torch.tensor([-0.5, -0.2, 0.0, 0.3, 0.6]), atol=0.03)
+    upright = Deskew()(bars)
+    after, rows_after = Deskew.slant(upright)
+    assert after.abs().max() < 0.01
+    # each bar now stands in the column of its centre of mass, which the shear about it keeps
+    columns = upright[:, 0].sum(1)
+    assert (columns.argmax(1) - 14).abs().max() <= 1 and (columns.max(1).values > 0.6 * upright.sum((1, 2, 3))).all()
+    assert torch.allclose(rows_after, rows_before, atol=1e-4)
+    assert torch.allclose(upright.sum((1, 2, 3)), bars.sum((1, 2, 3)), rtol=1e-4)
+    # an upright stroke is left as it is, and chunks change nothing
+    assert torch.allclose(upright[2], bars[2], atol=1e-6)
+    assert torch.allclose(Deskew(batch_size=2)(bars), upright, atol=1e-6)
+
+
+def test_deskew_rejects_an_empty_chunk_size():
+    with pytest.raises(ValueError, match="Deskew: batch_size must be >= 1, got 0"):
+        Deskew(batch_size=0)
+
+
+def test_a_datamodule_transform_reaches_every_split(mnist_dir):
+    plain = MNISTDataModule(data_dir=str(mnist_dir), download=False, val_size=100)
+    deskewed = MNISTDataModule(data_dir=str(mnist_dir), download=False, val_size=100, transform=Deskew())
+    for dm in (plain, deskewed):
+        dm.setup("fit")
+        dm.setup("test")
+    for split in ("train", "val", "test"):
+        assert torch.equal(deskewed.splits[split][0], Deskew()(plain.splits[split][0]))
+        assert torch.equal(deskewed.splits[split][1], plain.splits[split][1])
+
+
+def test_the_transform_is_one_config_entry(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(CONFIGS / "clustering_10.yaml"), "--data.transform=aae_lightning.Deskew", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["init_args"]["transform"] == {"class_path": "aae_lightning.Deskew", "init_args": {"batch_size": 4096}}
