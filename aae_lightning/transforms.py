@@ -20,8 +20,8 @@ class Deskew(ImageTransform):
     """Shears each image about its centre of mass so that its ink has no slant: x' = x - a (y - m_y),
     with a = cov(x, y) / var(y) of the ink (the moment-based deskewing of LeCun's MNIST page, which
     lowers the error of most classifiers there). Slant is the writer's, not the digit's, and the
-    clusterings cut digits by it (a K = 10 run held 4s and 9s in two clusters, one of slant -0.25,
-    the other +0.2: docs/experiments.md, "Deskewed digits"). ``batch_size``: images per batched
+    clusterings cut digits by it (a K = 10 run held 4s and 9s in two clusters, one leaning left by
+    about 0.2, the other right by as much: docs/experiments.md, "Deskewed digits"). ``batch_size``: images per batched
     ``grid_sample``, so that a 60,000-image split needs no second copy of itself in memory."""
 
     def __init__(self, batch_size: int = 4096):
@@ -34,8 +34,8 @@ class Deskew(ImageTransform):
         """(cov(x, y) / var(y), the mean row m_y) of each image's ink (channels averaged), x the
         column and y the row."""
         ink = images.mean(1)
-        rows = torch.arange(ink.shape[1], dtype=ink.dtype)[:, None]
-        cols = torch.arange(ink.shape[2], dtype=ink.dtype)[None]
+        rows = torch.arange(ink.shape[1], dtype=ink.dtype, device=ink.device)[:, None]
+        cols = torch.arange(ink.shape[2], dtype=ink.dtype, device=ink.device)[None]
         mass = ink.sum((1, 2)).clamp_min(1e-8)
         my, mx = (ink * rows).sum((1, 2)) / mass, (ink * cols).sum((1, 2)) / mass
         dy, dx = rows - my[:, None, None], cols - mx[:, None, None]
@@ -51,7 +51,7 @@ class Deskew(ImageTransform):
         # coordinates (-1..1 across each side, pixel centres at (2 i + 1) / size - 1)
         shear = a * h / w
         my_normalised = (2 * my + 1) / h - 1
-        theta = torch.zeros(n, 2, 3, dtype=images.dtype)
+        theta = torch.zeros(n, 2, 3, dtype=images.dtype, device=images.device)
         theta[:, 0, 0] = theta[:, 1, 1] = 1
         theta[:, 0, 1], theta[:, 0, 2] = shear, -shear * my_normalised
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
