@@ -43,6 +43,8 @@ def test_clustering_config_purifies_clusters_on_structured_data(templates_dir):
     assert test["test/purity"] > 0.8
 
 
+# two 12-epoch fits, the suite's longest test: `make test-slow`
+@pytest.mark.slow
 def test_clustering_config_finds_the_shapes_that_the_papers_method_alone_misses(shifted_templates_dir):
     ours = fit(shifted_templates_dir).trainer.callback_metrics
     paper = fit(shifted_templates_dir, *PAPER).trainer.callback_metrics

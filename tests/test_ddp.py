@@ -33,6 +33,8 @@ def test_trainer_presets_compose_with_experiment_configs(preset, capsys):
     assert "trainer:" in capsys.readouterr().out
 
 
+# two processes on two cores for 1.5 minutes: `make test-slow`
+@pytest.mark.slow
 def test_ddp_fit_on_two_processes_and_metrics_equal_one_process(mnist_dir, tmp_path):
     config = str(CONFIGS / "clustering.yaml")
     data = [f"--data.data_dir={mnist_dir}", *COMMON]

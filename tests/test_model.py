@@ -177,13 +177,16 @@ def test_batch_norm_encoder_depends_on_the_batch_in_training_only():
     assert torch.allclose(*first)
 
 
-def test_bf16_mixed_keeps_output_layers_batch_norms_codes_logits_and_losses_in_fp32_and_learns():
+def bf16_test_model() -> AdversarialAutoencoder:
+    return small_model({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(dim=4))})
+
+
+def test_bf16_mixed_keeps_output_layers_batch_norms_codes_logits_and_losses_in_fp32():
     """Under bf16 autocast the hidden layers' matrix products run in bf16; each net's output layer,
-    the batch norms, the softmax, the discriminators' logits and the losses stay in fp32, and the
-    model still learns."""
+    the batch norms, the softmax, the discriminators' logits and the losses stay in fp32."""
     torch.manual_seed(0)
     x, y = synthetic()
-    model = small_model({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(dim=4))})
+    model = bf16_test_model()
     linears = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)]
     dtypes = []
     for layer in linears:
@@ -201,6 +204,14 @@ def test_bf16_mixed_keeps_output_layers_batch_norms_codes_logits_and_losses_in_f
     norms = [m for m in normalised.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert len(norms) == 2 and all(m(torch.randn(8, 16).bfloat16()).dtype == torch.float32 for m in norms)
+
+
+# 20 epochs in bf16, emulated (about a minute) on a CPU without bf16 units: `make test-slow`
+@pytest.mark.slow
+def test_bf16_mixed_fit_learns():
+    torch.manual_seed(0)
+    x, y = synthetic()
+    model = bf16_test_model()
     before = reconstruction_mse(model, x)
     trainer = L.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, precision="bf16-mixed")

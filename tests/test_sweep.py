@@ -44,6 +44,8 @@ def test_invalid_sweep_yaml_gets_the_schema_errors_in_one_line(tmp_path, capsys)
     assert len(err) == 1 and err[0].startswith(f"error: invalid sweep config {bad}") and "sideways" in err[0]
 
 
+# two trials, each a process with its own W&B run (about a minute): `make test-slow`
+@pytest.mark.slow
 def test_two_trial_offline_sweep_records_runs_and_ranks_them(tmp_path, mnist_dir):
     sweep_file = tmp_path / "tiny.yaml"
     sweep_file.write_text(yaml.safe_dump({
