@@ -8,10 +8,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from aae_lightning.settings import SettingsRepr
+
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
-class Perturbation:
+class Perturbation(SettingsRepr):
     """A random (or adversarial) change of an image batch, drawn afresh at every call."""
 
     # whether the change depends on ``predict``: then a copy serves only the code it was drawn for
@@ -19,9 +21,6 @@ class Perturbation:
 
     def __call__(self, x: torch.Tensor, predict: Predict) -> torch.Tensor:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
 def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:

@@ -8,8 +8,10 @@ import math
 
 import torch
 
+from aae_lightning.settings import SettingsRepr
 
-class Prior:
+
+class Prior(SettingsRepr):
     """A distribution over one latent code."""
 
     dim: int
@@ -30,10 +32,6 @@ class Prior:
         """How many parts ``sample(labels=...)`` can pick from (one per class for a
         label-conditioned code), ``None`` where labels cannot pick a part."""
         return None
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
 
 
 class GaussianPrior(Prior):

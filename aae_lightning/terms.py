@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from aae_lightning.perturbations import Perturbation
+from aae_lightning.settings import SettingsRepr
 
 
 def fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -23,7 +24,7 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p + 1e-8)).sum(-1)
 
 
-class TrainingTerm:
+class TrainingTerm(SettingsRepr):
     """One extra loss. ``code``: the categorical code it acts on; default the model's cluster code.
     ``start_step``: the trainer's global step from which it joins (each batch takes three
     optimizer steps, four with a supervised phase); steps rather than epochs, so it starts after
@@ -57,11 +58,6 @@ class TrainingTerm:
 
     def loss(self, model, x: torch.Tensor, codes: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        # the settings only: a term's private state (a memory of codes) is not part of what it is
-        settings = {k: v for k, v in vars(self).items() if not k.startswith("_")}
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
 
 
 class MutualInformation(TrainingTerm):

@@ -5,15 +5,14 @@ the random perturbations (``perturbations.py``) that the training terms draw at 
 import torch
 import torch.nn.functional as F
 
+from aae_lightning.settings import SettingsRepr
 
-class ImageTransform:
+
+class ImageTransform(SettingsRepr):
     """Maps a float image batch (N, C, H, W) in [0, 1] to another of the same shape."""
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
 class Deskew(ImageTransform):
