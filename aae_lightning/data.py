@@ -170,6 +170,9 @@ class ImageDataModule(L.LightningDataModule):
         self.num_labeled = num_labeled
         self.predict_split = predict_split
         self.transform = transform
+        # checkpoints keep the settings, the transform among them, so that the images a model was
+        # trained on load again as they were: MNISTDataModule.load_from_checkpoint(path, data_dir=...)
+        self.save_hyperparameters(logger=False)
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # each split's rows as positions in the file it was read from (train and val share one)
         self.source_index: dict[str, torch.Tensor] = {}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aae_lightning import ImageFolderDataModule
+from aae_lightning import Deskew, ImageFolderDataModule
 from aae_lightning.cli import cli_main
 from aae_lightning.data import DataError
 from conftest import CONFIGS, structured_images, write_image_folder
@@ -45,11 +45,10 @@ def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def run_readme_example(checkpoint: Path, data_dir: Path, val_size: int) -> dict:
+def run_readme_example(checkpoint: Path, data_dir: Path) -> dict:
     code = readme_example()
     code = re.sub(r'checkpoint = ".*"', f"checkpoint = {str(checkpoint)!r}", code)
     code = re.sub(r'data_dir = ".*"', f"data_dir = {str(data_dir)!r}", code)
-    code = re.sub(r"val_size=\d+", f"val_size={val_size}", code)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     return namespace
@@ -113,7 +112,9 @@ def test_bad_checkpoint_path_is_one_line(verb, ckpt_path, message, mnist_dir, ca
 
 def test_readme_example_loads_a_checkpoint_and_encodes_and_decodes(mnist_dir, offline_wandb):
     ckpt = fit(CLUSTERING, mnist_dir)
-    found = run_readme_example(ckpt, mnist_dir, 100)
+    found = run_readme_example(ckpt, mnist_dir)
+    # the DataModule comes back as the run configured it: the config's transform, the command line's split
+    assert isinstance(found["data"].transform, Deskew) and found["data"].val_size == 100
     assert found["clusters"].shape == (8,) and found["clusters"].dtype == torch.int64
     assert found["images"].shape == found["reconstructions"].shape == (8, 1, 28, 28)
     assert 0 <= found["reconstructions"].min() and found["reconstructions"].max() <= 1
@@ -236,5 +237,5 @@ def test_real_digits_fit_predict_figures_and_notebook(offline_wandb, capsys):
     filled = [t for t in tiles.reshape(-1, 28, 28) if t.max() > 0]
     assert len(filled) >= 10  # after two epochs few clusters hold images yet
     assert all(np.abs(digits - t).max(axis=(1, 2)).min() <= 1 / 255 + 1e-6 for t in filled)
-    found = run_readme_example(ckpt, SAMPLE, 500)
-    assert found["clusters"].shape == (8,)
+    found = run_readme_example(ckpt, SAMPLE)
+    assert found["clusters"].shape == (8,) and torch.equal(found["images"], test.splits["test"][0][:8])
