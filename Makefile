@@ -33,7 +33,7 @@ install: $(STAMP)  ## create .venv and install the project with its dev extras
 test: $(STAMP)  ## run the test suite (fast tests; under 10 minutes on 2 cores)
 	$(PY) -m pytest -q --durations=10
 
-test-slow: $(STAMP)  ## run the slow checks that make test leaves out (about a minute each)
+test-slow: $(STAMP)  ## run the slow checks that make test leaves out (half a minute to two minutes each)
 	$(PY) -m pytest -q -m slow
 
 train: $(STAMP)  ## the main job: clustering on MNIST (DATA_DIR=... to point at the files)

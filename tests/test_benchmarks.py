@@ -78,6 +78,8 @@ def test_clustering_benchmark_runs_a_named_real_dataset(tmp_path):
     assert "purity=" in summary and "nmi=" in summary
 
 
+# a process timing five paths, bf16 emulated on a CPU without bf16 units (about 30 s): `make test-slow`
+@pytest.mark.slow
 def test_throughput_benchmark_compares_precisions_in_one_process(fashion_dir, tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT.with_name("throughput.py")), "--data-dir", str(fashion_dir),
                           "--steps", "3", "--warmup", "1", "--repeats", "1", "--val-size", "100"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -89,6 +91,8 @@ def test_throughput_benchmark_compares_precisions_in_one_process(fashion_dir, tm
     assert all(float(v) > 0 for v in ratios.values())
 
 
+# a fit, PCA and t-SNE in a process (about 30 s): `make test-slow`
+@pytest.mark.slow
 @pytest.mark.skipif(not MNIST_SAMPLE.is_dir(), reason="the real MNIST sample comes with shared/ beside the checkout")
 def test_dim_reduction_benchmark_tables_the_map_against_pca_and_tsne(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT.with_name("dim_reduction.py")), "--datasets", "mnist-sample", "--minutes", "0.2"],
