@@ -6,6 +6,7 @@ from aae_lightning.checkpointing import AtomicCheckpointIO, BestCheckpoint, Inte
 from aae_lightning.codes import LatentCode
 from aae_lightning.data import FashionMNISTDataModule, ImageDataModule, ImageFolderDataModule, MNISTDataModule, SVHNDataModule
 from aae_lightning.likelihood import ParzenLikelihood
+from aae_lightning.merging import MergedClusters
 from aae_lightning.model import AdversarialAutoencoder
 from aae_lightning.perturbations import RandomAffine, RandomShift, VirtualAdversarial
 from aae_lightning.predictions import PredictionWriter
@@ -38,6 +39,7 @@ __all__ = [
     "InterruptCheckpoint",
     "LatentCode",
     "LatentPlot",
+    "MergedClusters",
     "MNISTDataModule",
     "MutualInformation",
     "ParzenLikelihood",

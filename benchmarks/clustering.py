@@ -43,7 +43,8 @@ DATASETS = {
     "fashion-mnist": ("aae_lightning.FashionMNISTDataModule", Path("/usr/share/datasets/fashion-mnist"), [],
                       "install it with: apt-get install dataset-fashion-mnist"),
 }
-COLUMNS = ("purity", "purity_confident", "acc", "nmi", "ari", "clusters_used", "error", "recon_loss")
+# merged/*: the clusters merged into fewer (MergedClusters), where the config has that callback
+COLUMNS = ("purity", "purity_confident", "acc", "nmi", "ari", "clusters_used", "error", "recon_loss", "merged/purity", "merged/acc", "merged/nmi")
 
 
 # time-to-quality: the levels of the model's headline metric (val/purity up, val/error down)

@@ -1,0 +1,124 @@
+"""Over-cluster, then merge: a model's K clusters grouped into fewer, without labels.
+
+With as many clusters as classes, two digits that share a cluster force another digit to split,
+and nothing in the training terms undoes that; with more clusters than classes each one is purer
+(MNIST sample: K = 10 accuracy 0.83, K = 16 purity 0.95). Clusters of one digit trade images under
+a small affine map far more often than clusters of two digits do, so the joint distribution of the
+cluster of an image and of its perturbed copy (the table IIC's term maximises the information of)
+says which clusters to merge.
+"""
+
+import lightning as L
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
+
+from aae_lightning.callbacks import figure_rng
+from aae_lightning.metrics import ClusterMetrics
+from aae_lightning.perturbations import Perturbation, RandomAffine
+
+
+def merge_clusters(joint: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """The group (0 .. num_groups - 1) of each of K clusters, from their K x K joint ``P(y, y')``
+    over images and their perturbed copies: average-linkage agglomeration on the affinity
+    ``P(a, b) / sqrt(P(a) P(b))`` (how much more often than by chance a and b trade images), which
+    does not favour merging the largest clusters. A cluster holding less than a tenth of an equal
+    share is left out of the agglomeration (nothing says where it belongs, and leaving it alone
+    would cost a merge of two real ones) and joins the group it trades most with."""
+    k = joint.shape[0]
+    if not 1 <= num_groups <= k:
+        raise ValueError(f"MergedClusters: cannot merge {k} clusters into {num_groups}")
+    joint = (joint + joint.T).double() / 2
+    mass = joint.sum(1) / joint.sum()
+    used = (mass >= 0.1 / k).nonzero().squeeze(1)
+    groups = torch.zeros(k, dtype=torch.long)
+    if len(used) > num_groups:
+        sub = joint[used][:, used]
+        affinity = (sub / (mass[used, None] * mass[None, used]).sqrt()).numpy()
+        distance = affinity.max() - affinity
+        np.fill_diagonal(distance, 0)
+        labels = fcluster(linkage(squareform(distance, checks=False), method="average"), num_groups, criterion="maxclust")
+        # fcluster numbers groups from 1 in an order of its own; number them by first cluster instead
+        _, first = np.unique(labels, return_index=True)
+        order = {g: i for i, g in enumerate(labels[np.sort(first)])}
+        groups[used] = torch.tensor([order[g] for g in labels])
+    else:
+        groups[used] = torch.arange(len(used))
+    for c in (mass < 0.1 / k).nonzero().squeeze(1):
+        groups[c] = groups[used[joint[c, used].argmax()]] if len(used) else 0
+    return groups
+
+
+class MergedClusters(L.Callback):
+    """Logs ``{val,test}/merged/{purity,acc,nmi,...}``: the model's cluster code merged into
+    ``num_clusters`` groups by :func:`merge_clusters`, scored like the clusters themselves.
+
+    The groups are recomputed at the start of each validation and test epoch from the training
+    images (the first ``max_images``; their labels are not read) and one ``perturbation`` of each,
+    encoded with the weights being evaluated (the weight average, where there is one). The draws
+    come from a seeded stream of their own, so they never change the run's random numbers.
+
+    Args:
+        num_clusters: the groups, e.g. 10 for one per digit over a model of 16 clusters.
+        perturbation: the copy the clusters trade images under; default the consistency terms' map.
+        max_images: training images the joint is estimated on (2,000 are plenty for 16 clusters).
+    """
+
+    def __init__(self, num_clusters: int = 10, perturbation: Perturbation | None = None, max_images: int = 10000):
+        self.num_clusters = num_clusters
+        self.perturbation = perturbation if perturbation is not None else RandomAffine()
+        self.max_images = max_images
+        self.groups: torch.Tensor | None = None
+        self.metrics: dict[str, ClusterMetrics] = {}
+
+    def setup(self, trainer, pl_module, stage):
+        if pl_module.cluster_code is None:
+            raise ValueError("MergedClusters: the model has no cluster code to merge (set codes with a CategoricalPrior)")
+        k = next(c.dim for c in pl_module.codes if c.name == pl_module.cluster_code)
+        if not 1 <= self.num_clusters <= k:
+            raise ValueError(f"MergedClusters: num_clusters={self.num_clusters} must lie between 1 and the model's {k} clusters")
+        self.metrics = {s: ClusterMetrics(self.num_clusters, pl_module.num_classes, f"{s}/merged/").to(pl_module.device) for s in ("val", "test")}
+
+    @torch.no_grad()
+    def fit_groups(self, trainer, pl_module) -> torch.Tensor:
+        datamodule = trainer.datamodule
+        datamodule.setup("fit")
+        images = datamodule.splits["train"][0][: self.max_images]
+        code = pl_module.cluster_code
+        joint = 0
+        with figure_rng():
+            for x in images.split(500):
+                x = x.to(pl_module.device)
+                probs = pl_module.encode(x)[code]
+                copies = pl_module.encode(self.perturbation(x, lambda v: pl_module.encode(v)[code]))[code]
+                joint = joint + probs.T @ copies
+        return merge_clusters(joint.float().cpu(), self.num_clusters).to(pl_module.device)
+
+    def _update(self, trainer, pl_module, outputs, stage):
+        if self.groups is None:
+            # at the first batch, not at epoch start: by then the weight average is swapped in,
+            # whatever the order of the callbacks
+            self.groups = self.fit_groups(trainer, pl_module)
+        probs = outputs["codes"][pl_module.cluster_code].float()
+        merged = torch.zeros(len(probs), self.num_clusters, device=probs.device).index_add_(1, self.groups, probs)
+        self.metrics[stage].update(merged, outputs["labels"])
+
+    def _log(self, pl_module, stage):
+        metrics = self.metrics[stage]
+        if self.groups is not None:
+            pl_module.log_dict(metrics.compute())
+        metrics.reset()
+        self.groups = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._update(trainer, pl_module, outputs, "val")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._update(trainer, pl_module, outputs, "test")
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._log(pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self._log(pl_module, "test")

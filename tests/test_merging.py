@@ -1,0 +1,89 @@
+"""Over-cluster, then merge: the merge against hand-checked tables, and the callback in a real
+``validate`` on a model whose clusters cut each class in two."""
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from aae_lightning import (AdversarialAutoencoder, CategoricalPrior, GaussianPrior, LatentCode, MergedClusters, MNISTDataModule,
+                           RandomShift)
+from aae_lightning.merging import merge_clusters
+from conftest import write_idx_dataset
+
+
+def test_merge_clusters_joins_the_clusters_that_trade_images_beyond_their_size():
+    # A and B are large and trade 0.03 of the images, C and D small and trade 0.02: in raw mass
+    # A-B is the likelier pair, but for their sizes C and D trade more (0.13 against 0.09)
+    joint = torch.tensor([[0.32, 0.03, 0.00, 0.00],
+                          [0.03, 0.32, 0.00, 0.00],
+                          [0.00, 0.00, 0.13, 0.02],
+                          [0.00, 0.00, 0.02, 0.13]])
+    assert merge_clusters(joint, 3).tolist() == [0, 1, 2, 2]
+    assert merge_clusters(joint, 2).tolist() == [0, 0, 1, 1]
+    assert merge_clusters(joint, 4).tolist() == [0, 1, 2, 3]
+
+
+def test_an_empty_cluster_joins_a_group_instead_of_costing_a_merge():
+    # clusters 0 / 1 and 2 / 3 hold four pure classes; cluster 4 is all but empty and trades with 3
+    joint = torch.diag(torch.tensor([0.25, 0.25, 0.25, 0.2499, 0.0001]))
+    joint[3, 4] = joint[4, 3] = 0.00005
+    assert merge_clusters(joint, 4).tolist() == [0, 1, 2, 3, 3]
+
+
+def test_merge_clusters_rejects_more_groups_than_clusters():
+    with pytest.raises(ValueError, match="cannot merge 4 clusters into 5"):
+        merge_clusters(torch.eye(4), 5)
+
+
+class ClassThenSide(nn.Module):
+    """A fixed encoder whose 20 clusters are each class cut in two by which side of its class's
+    mean image the ink leans to: a shift moves an image between the two halves of its class, never
+    to another class."""
+
+    def __init__(self, means: torch.Tensor, out_dim: int):
+        super().__init__()
+        self.register_buffer("means", means)
+        self.out_dim = out_dim
+        self.scale = nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x):
+        c = torch.cdist(x.flatten(1), self.means.flatten(1)).argmin(1)
+        columns = torch.arange(x.shape[-1], dtype=x.dtype)
+        lean = (x.sum(dim=(1, 2)) * columns).sum(1) / x.sum(dim=(1, 2, 3)) - (self.means[c].sum(dim=(1, 2)) * columns).sum(1) / self.means[c].sum(dim=(1, 2, 3))
+        logits = torch.zeros(len(x), self.out_dim)
+        logits[torch.arange(len(x)), 2 * c + (lean > 0).long()] = self.scale
+        return logits
+
+
+def test_merged_clusters_scores_classes_that_the_clusters_cut_in_two(tmp_path):
+    data = MNISTDataModule(data_dir=str(write_idx_dataset(tmp_path / "templates", n_train=1000, n_test=100, max_shift=1)),
+                           val_size=300, download=False, batch_size=100)
+    data.setup("fit")
+    images, labels = data.splits["train"]
+    means = torch.stack([images[labels == c].mean(0) for c in range(10)])
+    model = AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(20)), "z": LatentCode(GaussianPrior(2))}, discriminator_hidden=(8,),
+                                   encoder=lambda shape, out_dim: ClassThenSide(means, out_dim), figures_every_n_epochs=0)
+    merged = MergedClusters(num_clusters=10, perturbation=RandomShift(max_shift=2))
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[merged])
+    (val,) = trainer.validate(model, data, verbose=False)
+    # each class is two clusters: the 20 cannot score above about half of each class, the 10 groups can
+    assert val["val/acc"] < 0.75 and val["val/clusters_used"] > 15, val
+    assert val["val/merged/acc"] > 0.98 and val["val/merged/clusters_used"] == 10, val
+    # the merge drew its copies from a stream of its own: the run's random numbers are untouched
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    trainer.validate(model, data, verbose=False)
+    assert torch.equal(torch.rand(3), expected)
+    (test,) = trainer.test(model, data, verbose=False)
+    assert test["test/merged/acc"] > 0.98
+
+
+def test_merged_clusters_needs_a_cluster_code_with_more_clusters(tmp_path):
+    data = MNISTDataModule(data_dir=str(write_idx_dataset(tmp_path / "templates", n_train=200, n_test=50)), val_size=50, download=False)
+    model = AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(2))}, discriminator_hidden=(8,),
+                                   figures_every_n_epochs=0)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[MergedClusters(num_clusters=16)])
+    with pytest.raises(ValueError, match="num_clusters=16 must lie between 1 and the model's 10 clusters"):
+        trainer.validate(model, data, verbose=False)
