@@ -1,5 +1,7 @@
 """Over-cluster, then merge: the merge against hand-checked tables, and the callback in a real
-``validate`` on a model whose clusters cut each class in two."""
+``validate``, ``test`` and ``predict`` of a model whose clusters cut each class in two."""
+
+import csv
 
 import lightning as L
 import pytest
@@ -7,7 +9,7 @@ import torch
 from torch import nn
 
 from aae_lightning import (AdversarialAutoencoder, CategoricalPrior, GaussianPrior, LatentCode, MergedClusters, MNISTDataModule,
-                           RandomShift)
+                           PredictionWriter, RandomShift)
 from aae_lightning.merging import merge_clusters
 from conftest import write_idx_dataset
 
@@ -78,6 +80,15 @@ def test_merged_clusters_scores_classes_that_the_clusters_cut_in_two(tmp_path):
     assert torch.equal(torch.rand(3), expected)
     (test,) = trainer.test(model, data, verbose=False)
     assert test["test/merged/acc"] > 0.98
+    # predict writes each image's group beside its cluster: the two halves of a class share one
+    predictor = L.Trainer(logger=False, enable_progress_bar=False, callbacks=[merged, PredictionWriter(output_dir=str(tmp_path))])
+    predictor.predict(model, data, return_predictions=False)
+    with (tmp_path / "predictions" / "test.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    group_of = {}
+    for row in rows:
+        group_of.setdefault(int(row["cluster"]) // 2, set()).add(int(row["merged_cluster"]))
+    assert len(rows) == 100 and all(len(g) == 1 for g in group_of.values()) and len(set.union(*group_of.values())) == 10, group_of
 
 
 def test_merged_clusters_needs_a_cluster_code_with_more_clusters(tmp_path):
