@@ -44,6 +44,8 @@ def test_every_config_fits_on_tiny_data(config, request, offline_wandb):
     assert last_checkpoint(offline_wandb).is_file()
     (run,) = offline_runs(offline_wandb)
     assert run.values("train/recon_loss_epoch") and "val/recon_loss" in run.summary
+    if "aae_lightning.MergedClusters" in config.read_text():
+        assert 0 < run.summary["val/merged/clusters_used"] <= 10 and "val/merged/acc" in run.summary
     assert run.config["model"]["class_path"] == yaml.safe_load(config.read_text())["model"]["class_path"]
 
 
