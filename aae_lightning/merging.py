@@ -54,14 +54,15 @@ class MergedClusters(L.Callback):
     """Logs ``{val,test}/merged/{purity,acc,nmi,...}``: the model's cluster code merged into
     ``num_clusters`` groups by :func:`merge_clusters`, scored like the clusters themselves.
 
-    The groups are recomputed at the start of each validation and test epoch from the training
+    The groups are recomputed at each validation and test epoch from the DataModule's training
     images (the first ``max_images``; their labels are not read) and one ``perturbation`` of each,
     encoded with the weights being evaluated (the weight average, where there is one). The draws
     come from a seeded stream of their own, so they never change the run's random numbers.
 
     Args:
         num_clusters: the groups, e.g. 10 for one per digit over a model of 16 clusters.
-        perturbation: the copy the clusters trade images under; default the consistency terms' map.
+        perturbation: the copy the clusters trade images under, one that needs no gradient
+            (``RandomAffine``, the default and the digit configs' consistency map, or ``RandomShift``).
         max_images: training images the joint is estimated on (2,000 are plenty for 16 clusters).
     """
 
@@ -78,7 +79,11 @@ class MergedClusters(L.Callback):
         k = next(c.dim for c in pl_module.codes if c.name == pl_module.cluster_code)
         if not 1 <= self.num_clusters <= k:
             raise ValueError(f"MergedClusters: num_clusters={self.num_clusters} must lie between 1 and the model's {k} clusters")
-        self.metrics = {s: ClusterMetrics(self.num_clusters, pl_module.num_classes, f"{s}/merged/").to(pl_module.device) for s in ("val", "test")}
+        if not hasattr(trainer.datamodule, "splits"):
+            raise ValueError("MergedClusters: needs one of aae_lightning's DataModules, whose training images it merges on")
+        # without labels there is nothing to score; predict still writes the groups
+        self.metrics = {s: ClusterMetrics(self.num_clusters, pl_module.num_classes, f"{s}/merged/").to(pl_module.device)
+                        for s in ("val", "test") if pl_module.num_classes > 0}
 
     @torch.no_grad()
     def fit_groups(self, trainer, pl_module) -> torch.Tensor:
@@ -96,6 +101,8 @@ class MergedClusters(L.Callback):
         return merge_clusters(joint.float().cpu(), self.num_clusters).to(pl_module.device)
 
     def _update(self, trainer, pl_module, outputs, stage):
+        if stage not in self.metrics:
+            return
         if self.groups is None:
             # at the first batch, not at epoch start: by then the weight average is swapped in,
             # whatever the order of the callbacks
@@ -105,10 +112,9 @@ class MergedClusters(L.Callback):
         self.metrics[stage].update(merged, outputs["labels"])
 
     def _log(self, pl_module, stage):
-        metrics = self.metrics[stage]
         if self.groups is not None:
-            pl_module.log_dict(metrics.compute())
-        metrics.reset()
+            pl_module.log_dict(self.metrics[stage].compute())
+            self.metrics[stage].reset()
         self.groups = None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):

@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from aae_lightning import (AdversarialAutoencoder, CategoricalPrior, GaussianPrior, LatentCode, MergedClusters, MNISTDataModule,
                            PredictionWriter, RandomShift)
@@ -91,10 +92,15 @@ def test_merged_clusters_scores_classes_that_the_clusters_cut_in_two(tmp_path):
     assert len(rows) == 100 and all(len(g) == 1 for g in group_of.values()) and len(set.union(*group_of.values())) == 10, group_of
 
 
-def test_merged_clusters_needs_a_cluster_code_with_more_clusters(tmp_path):
+def test_merged_clusters_needs_more_clusters_than_groups_and_a_datamodule(tmp_path):
     data = MNISTDataModule(data_dir=str(write_idx_dataset(tmp_path / "templates", n_train=200, n_test=50)), val_size=50, download=False)
     model = AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(2))}, discriminator_hidden=(8,),
                                    figures_every_n_epochs=0)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[MergedClusters(num_clusters=16)])
     with pytest.raises(ValueError, match="num_clusters=16 must lie between 1 and the model's 10 clusters"):
         trainer.validate(model, data, verbose=False)
+    data.setup("fit")
+    loader = DataLoader(TensorDataset(*data.splits["val"]), batch_size=50)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[MergedClusters(num_clusters=5)])
+    with pytest.raises(ValueError, match="needs one of aae_lightning's DataModules"):
+        trainer.validate(model, loader, verbose=False)
