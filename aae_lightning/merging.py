@@ -31,7 +31,8 @@ def merge_clusters(joint: torch.Tensor, num_groups: int) -> torch.Tensor:
         raise ValueError(f"MergedClusters: cannot merge {k} clusters into {num_groups}")
     joint = (joint + joint.T).double() / 2
     mass = joint.sum(1) / joint.sum()
-    used = (mass >= 0.1 / k).nonzero().squeeze(1)
+    large = mass >= 0.1 / k
+    used = large.nonzero().squeeze(1)
     groups = torch.zeros(k, dtype=torch.long)
     if len(used) > num_groups:
         sub = joint[used][:, used]
@@ -45,7 +46,7 @@ def merge_clusters(joint: torch.Tensor, num_groups: int) -> torch.Tensor:
         groups[used] = torch.tensor([order[g] for g in labels])
     else:
         groups[used] = torch.arange(len(used))
-    for c in (mass < 0.1 / k).nonzero().squeeze(1):
+    for c in (~large).nonzero().squeeze(1):
         groups[c] = groups[used[joint[c, used].argmax()]] if len(used) else 0
     return groups
 
