@@ -43,10 +43,6 @@ def save_images(images: dict[str, Image.Image], folder: Path, suffix: str = "") 
     return paths
 
 
-def _code_dim(model, name: str) -> int:
-    return next(c.dim for c in model.codes if c.name == name)
-
-
 def latent_scatter(model, outputs: dict[str, torch.Tensor], code: str | None = None) -> dict[str, Image.Image]:
     """A continuous code coloured by the true label (its first two principal components when it
     has more than two dimensions); default the first non-categorical code."""
@@ -125,7 +121,7 @@ def representation_map(model, outputs: dict[str, torch.Tensor]) -> dict[str, Ima
 @torch.no_grad()
 def cluster_heads(model) -> torch.Tensor:
     """The decoder at each one-hot cluster code with every other code at zero."""
-    k = _code_dim(model, model.cluster_code)
+    k = model.code_dim(model.cluster_code)
     codes = {c.name: torch.zeros(k, c.dim, device=model.device) for c in model.codes}
     codes[model.cluster_code] = torch.eye(k, device=model.device)
     return model.decode(codes).cpu().clamp(0, 1)
@@ -164,7 +160,7 @@ def style_content_grid(model, content_code: str | None = None, num_styles: int =
     name = content_code or model.cluster_code or next((c.name for c in model.codes if c.prior.num_classes), None)
     if name is None:
         return {}
-    k = _code_dim(model, name)
+    k = model.code_dim(name)
     codes = {n: v.repeat_interleave(k, dim=0) for n, v in model.sample_prior(num_styles).items()}
     codes[name] = torch.eye(k, device=model.device).repeat(num_styles, 1)
     return {"samples/style_content": grid_image(model.decode(codes).cpu().clamp(0, 1), nrow=k)}

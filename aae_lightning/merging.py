@@ -77,7 +77,7 @@ class MergedClusters(L.Callback):
     def setup(self, trainer, pl_module, stage):
         if pl_module.cluster_code is None:
             raise ValueError("MergedClusters: the model has no cluster code to merge (set codes with a CategoricalPrior)")
-        k = next(c.dim for c in pl_module.codes if c.name == pl_module.cluster_code)
+        k = pl_module.code_dim(pl_module.cluster_code)
         if not 1 <= self.num_clusters <= k:
             raise ValueError(f"MergedClusters: num_clusters={self.num_clusters} must lie between 1 and the model's {k} clusters")
         if not hasattr(trainer.datamodule, "splits"):

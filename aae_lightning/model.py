@@ -139,7 +139,7 @@ class AdversarialAutoencoder(L.LightningModule):
                 raise ValueError(f"AdversarialAutoencoder: supervised_code={supervised_code!r} needs labelled data, but the data has no labels")
             if supervised_code not in categorical:
                 raise ValueError(f"AdversarialAutoencoder: supervised_code={supervised_code!r} is not one of the inferred categorical codes {categorical}")
-            if next(c.dim for c in self.codes if c.name == supervised_code) != num_classes:
+            if self.code_dim(supervised_code) != num_classes:
                 raise ValueError(f"AdversarialAutoencoder: supervised_code={supervised_code!r} must have one category per class ({num_classes})")
         by_name = {c.name: c for c in self.codes}
         for c in self.codes:
@@ -196,12 +196,15 @@ class AdversarialAutoencoder(L.LightningModule):
             raise ValueError(f"AdversarialAutoencoder: figures_every_n_epochs must be >= 0, got {figures_every_n_epochs}")
         self.figures_every_n_epochs = figures_every_n_epochs
         if self.cluster_code is not None and num_classes > 0:
-            k = next(c.dim for c in self.codes if c.name == self.cluster_code)
-            self.cluster_metrics = nn.ModuleDict({s: ClusterMetrics(k, num_classes, f"{s}/") for s in ("val", "test")})
+            self.cluster_metrics = nn.ModuleDict({s: ClusterMetrics(self.code_dim(self.cluster_code), num_classes, f"{s}/") for s in ("val", "test")})
         if supervised_code is not None:
             self.accuracy = nn.ModuleDict({s: MulticlassAccuracy(num_classes, average="micro") for s in ("val", "test")})
 
     # ---- the model ------------------------------------------------------------------------
+    def code_dim(self, name: str) -> int:
+        """The size of the named code (its number of categories, for a categorical one)."""
+        return next(c.dim for c in self.codes if c.name == name)
+
     def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Image batch -> {code name: code}, each code in its prior's space. Codes taken from the
         label are included when ``labels`` are given (all known: no -1)."""

@@ -45,7 +45,7 @@ class PredictionWriter(BasePredictionWriter):
         path = folder / "predictions" / f"{split}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         merging = next((cb for cb in trainer.callbacks if isinstance(cb, MergedClusters)), None)
-        groups = merging.fit_groups(trainer, pl_module).cpu() if merging is not None and pl_module.cluster_code is not None else None
+        groups = merging.fit_groups(trainer, pl_module).cpu() if merging is not None else None
         self._write(path, columns, pl_module, names, groups)
         print(f"predict: wrote {len(order)} rows to {path}", flush=True)
 

@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from aae_lightning.cli import cli_main, one_line_errors
 from aae_lightning.figures import encode_split
+from aae_lightning.merging import MergedClusters
 from aae_lightning.metrics import contingency_from_labels
 
 # name: (DataModule, folder, its other CLI arguments, how to get the folder where it is missing)
@@ -100,6 +101,14 @@ def mixed_clusters(counts: list[list[int]], share: float = 0.2) -> str:
     return "; ".join(cells) or "none"
 
 
+def merged_counts(counts: list[list[int]], groups: list[int]) -> list[list[int]]:
+    """The rows of ``counts`` summed over the clusters of each group (``groups[k]``: cluster k's)."""
+    merged = [[0] * len(counts[0]) for _ in range(max(groups) + 1)]
+    for row, g in zip(counts, groups):
+        merged[g] = [m + n for m, n in zip(merged[g], row)]
+    return merged
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -147,6 +156,14 @@ def main():
                 # sizes too: the balance terms and the uniform prior ask for equal ones
                 print(f"test cluster sizes, largest first: {' '.join(str(n) for n in sorted(map(sum, counts), reverse=True))}", flush=True)
                 print(f"test clusters mixing classes (cluster: class x count, of its size): {mixed_clusters(counts)}", flush=True)
+                merging = next((cb for cb in cli.trainer.callbacks if isinstance(cb, MergedClusters)), None)
+                if merging is not None:
+                    # the groups the test scored: the same seeded copies of the same (averaged) weights
+                    groups = merging.fit_groups(cli.trainer, cli.model).tolist()
+                    members = "; ".join(f"{g}: " + " ".join(str(k) for k, h in enumerate(groups) if h == g) for g in range(merging.num_clusters))
+                    print(f"test merged groups (group: its clusters): {members}", flush=True)
+                    print(f"test merged groups mixing classes (group: class x count, of its size): {mixed_clusters(merged_counts(counts, groups))}",
+                          flush=True)
             wandb.finish()
             results.append(test)
         if len(results) > 1:
