@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export WANDB_SILENT ?= true
 
-.PHONY: help install test test-slow train fashion-mnist bench-clustering bench-dim-reduction bench-throughput sweep clean
+.PHONY: help install test test-slow train fashion-mnist bench-clustering bench-dim-reduction bench-throughput bench-conv-layout sweep clean
 
 # bench-clustering settings: make bench-clustering CONFIG=... DATASETS='mnist-sample fashion-mnist' (or DATA_DIR=...)
 #   MINUTES=15 SEEDS='0 1 2' ARGS='...'
@@ -54,6 +54,9 @@ bench-dim-reduction: $(STAMP)  ## the 2-D map against PCA / t-SNE / UMAP on the 
 
 bench-throughput: $(STAMP) $(if $(DATA_DIR),,fashion-mnist)  ## samples/s of our fit path vs plain PyTorch loops, and GFLOP/s vs torch.mm
 	$(PY) benchmarks/throughput.py --data-dir $(or $(DATA_DIR),/usr/share/datasets/fashion-mnist)
+
+bench-conv-layout: $(STAMP)  ## seconds per batch of the conv configs' fit path, channels-last against contiguous feature maps
+	$(PY) benchmarks/conv_layout.py --configs configs/clustering.yaml configs/semi_supervised_mnist_100.yaml
 
 sweep: $(STAMP)  ## W&B sweep with no server (SWEEP, COUNT, ARGS appended to every trial)
 	$(PY) -m aae_lightning sweep $(SWEEP) --count $(COUNT) $(if $(ARGS),-- $(ARGS))

@@ -97,27 +97,44 @@ def code_head(features: int, hidden: int, out_dim: int) -> list[nn.Module]:
     return [nn.Flatten(), nn.Linear(features, hidden), nn.ReLU(), FullPrecisionLinear(hidden, out_dim)]
 
 
-class ConvEncoder(nn.Sequential):
+class ConvNet(nn.Sequential):
+    """A conv encoder's layers, run on feature maps stored channels-last (NHWC) unless
+    ``channels_last`` is off: oneDNN's convolutions on CPUs and cuDNN's on GPUs are faster on that
+    layout (docs/experiments.md: "Channels-last feature maps"). The results are the same up to the
+    order of floating-point sums."""
+
+    def __init__(self, *layers: nn.Module, channels_last: bool = True):
+        super().__init__(*layers)
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+
+
+class ConvEncoder(ConvNet):
     """Strided-conv encoder (stride 2, batch-normalised) for 28x28 digits and 32x32 colour images
     (SVHN), where MLPs waste capacity on pixels and tie a code to where a stroke lies."""
 
-    def __init__(self, input_shape: Sequence[int], out_dim: int, channels: Sequence[int] = (64, 128, 256), hidden: int = 1000):
+    def __init__(self, input_shape: Sequence[int], out_dim: int, channels: Sequence[int] = (64, 128, 256), hidden: int = 1000,
+                 channels_last: bool = True):
         check_blocks("ConvEncoder", input_shape, channels)
         c, h, w = input_shape
         layers: list[nn.Module] = []
         for c_out in channels:
             layers += [nn.Conv2d(c, c_out, 4, stride=2, padding=1), FullPrecisionBatchNorm2d(c_out), nn.ReLU()]
             c, h, w = c_out, h // 2, w // 2
-        super().__init__(*layers, *code_head(c * h * w, hidden, out_dim))
+        super().__init__(*layers, *code_head(c * h * w, hidden, out_dim), channels_last=channels_last)
 
 
-class VGGEncoder(nn.Sequential):
+class VGGEncoder(ConvNet):
     """Blocks of ``convs_per_block`` 3x3 convolutions (batch-normalised), each block ending in a
     2x2 max-pool (VGG, Simonyan & Zisserman 2015). Several times the strided encoder's compute per
     image; on real digits it classifies better (docs/experiments.md: "A VGG encoder")."""
 
     def __init__(self, input_shape: Sequence[int], out_dim: int, channels: Sequence[int] = (32, 64, 128), hidden: int = 500,
-                 convs_per_block: int = 2):
+                 convs_per_block: int = 2, channels_last: bool = True):
         check_blocks("VGGEncoder", input_shape, channels)
         if convs_per_block < 1:
             raise ValueError(f"VGGEncoder: convs_per_block must be >= 1, got {convs_per_block}")
@@ -129,7 +146,7 @@ class VGGEncoder(nn.Sequential):
                 c = c_out
             layers.append(nn.MaxPool2d(2))
             h, w = h // 2, w // 2
-        super().__init__(*layers, *code_head(c * h * w, hidden, out_dim))
+        super().__init__(*layers, *code_head(c * h * w, hidden, out_dim), channels_last=channels_last)
 
 
 class ConvDecoder(nn.Module):

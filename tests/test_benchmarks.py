@@ -98,6 +98,19 @@ def test_throughput_benchmark_compares_precisions_in_one_process(fashion_dir, tm
     assert all(float(v) > 0 for v in ratios.values())
 
 
+# four short fits of the K = 16 config (about 40 s): `make test-slow`
+@pytest.mark.slow
+@pytest.mark.skipif(not MNIST_SAMPLE.is_dir(), reason="the real MNIST sample comes with shared/ beside the checkout")
+def test_conv_layout_benchmark_times_both_layouts_of_a_config(tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT.with_name("conv_layout.py")), "--configs", str(CONFIGS / "clustering.yaml"),
+                          "--epochs", "1", "--repeats", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith(str(CONFIGS / "clustering.yaml"))]
+    contiguous, channels_last, ratio = map(float, re.search(r"contiguous ([\d.]+) s, channels-last ([\d.]+) s .* = ([\d.]+)$", line).groups())
+    assert contiguous > 0 and channels_last > 0 and ratio == pytest.approx(contiguous / channels_last, abs=0.01)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 # a fit, PCA and t-SNE in a process (about 30 s): `make test-slow`
 @pytest.mark.slow
 @pytest.mark.skipif(not MNIST_SAMPLE.is_dir(), reason="the real MNIST sample comes with shared/ beside the checkout")

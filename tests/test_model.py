@@ -105,6 +105,23 @@ def test_vgg_encoder_pools_each_block_and_feeds_its_hidden_layer_to_the_codes(sh
     assert torch.allclose(codes["y"].sum(1), torch.ones(7))
 
 
+@pytest.mark.parametrize("encoder", [VGGEncoder, ConvEncoder])
+def test_channels_last_encoders_compute_what_the_contiguous_ones_do(encoder):
+    torch.manual_seed(0)
+    fast = encoder((1, 28, 28), 12, channels=(4, 8, 16), hidden=24)
+    plain = encoder((1, 28, 28), 12, channels=(4, 8, 16), hidden=24, channels_last=False)
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not any(w.is_contiguous() for w in convs[1:])  # the first, of one input channel, is both layouts at once
+    plain.load_state_dict(fast.state_dict())  # checkpoints move between the layouts
+    x = torch.rand(6, 1, 28, 28, requires_grad=True)
+    out_fast, out_plain = fast(x), plain(x)
+    assert torch.allclose(out_fast, out_plain, atol=1e-5)
+    (grad_fast,) = torch.autograd.grad(out_fast.square().sum(), x)
+    (grad_plain,) = torch.autograd.grad(out_plain.square().sum(), x)
+    assert torch.allclose(grad_fast, grad_plain, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "encoder, message",
     [
