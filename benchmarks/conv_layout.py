@@ -1,7 +1,8 @@
 """Channels-last against contiguous (NCHW) feature maps in the conv encoders, alternating in one
 process: the real fit path of each config (its nets, terms and callbacks, the Trainer, the MNIST
 sample) for a few epochs with and without ``channels_last``, as seconds per training batch (its
-three or four optimizer steps) and the ratio. Validation, checkpoints and the logger are off (nothing is written): the step is what the layout changes.
+three or four optimizer steps) and the ratio. Validation, checkpoints and the logger are off
+(nothing is written): the training step is what the layout changes.
 
     python benchmarks/conv_layout.py --configs configs/clustering.yaml configs/semi_supervised_mnist_100.yaml
 """
@@ -11,6 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
@@ -19,17 +21,28 @@ from aae_lightning.cli import cli_main
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-sample"
 
 
-def seconds_per_step(config: str, channels_last: bool, epochs: int) -> float:
+class BatchTimer(L.Callback):
+    """When each training batch ends (per batch, not per ``trainer.global_step``, which counts each
+    of a batch's optimizer steps)."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ends.append(time.perf_counter())
+
+
+def seconds_per_batch(config: str, channels_last: bool, epochs: int) -> float:
     cli = cli_main(["--config", config, f"--data.data_dir={SAMPLE}", "--data.val_size=500", "--data.download=false",
                     f"--trainer.max_epochs={epochs}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
                     "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                     "--trainer.enable_model_summary=false", "--model.init_args.figures_every_n_epochs=0",
                     f"--model.init_args.encoder.init_args.channels_last={channels_last}", "--seed_everything=0"], run=False)
-    cli.trainer.callbacks = [cb for cb in cli.trainer.callbacks if not isinstance(cb, Checkpoint)]
-    start = time.perf_counter()
+    timer = BatchTimer()
+    cli.trainer.callbacks = [cb for cb in cli.trainer.callbacks if not isinstance(cb, Checkpoint)] + [timer]
     cli.trainer.fit(cli.model, cli.datamodule)
-    # per batch, not per trainer.global_step, which counts each of a batch's optimizer steps
-    return (time.perf_counter() - start) / (cli.trainer.num_training_batches * epochs)
+    # from the end of the first batch (set-up and warm-up before it) to the end of the last
+    return (timer.ends[-1] - timer.ends[0]) / (len(timer.ends) - 1)
 
 
 def main():
@@ -45,7 +58,7 @@ def main():
         times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(opts.repeats):
             for layout in (False, True):
-                times[layout].append(seconds_per_step(config, layout, opts.epochs))
+                times[layout].append(seconds_per_batch(config, layout, opts.epochs))
         contiguous, channels_last = min(times[False]), min(times[True])
         print(f"{config}: contiguous {contiguous:.3f} s, channels-last {channels_last:.3f} s "
               f"(median {statistics.median(times[False]):.3f} / {statistics.median(times[True]):.3f}); "
