@@ -86,6 +86,11 @@ class MergedClusters(L.Callback):
         self.metrics = {s: ClusterMetrics(self.num_clusters, pl_module.num_classes, f"{s}/merged/").to(pl_module.device)
                         for s in ("val", "test") if pl_module.num_classes > 0}
 
+    @staticmethod
+    def of(trainer) -> "MergedClusters | None":
+        """The trainer's MergedClusters callback, if it has one."""
+        return next((cb for cb in trainer.callbacks if isinstance(cb, MergedClusters)), None)
+
     @torch.no_grad()
     def fit_groups(self, trainer, pl_module) -> torch.Tensor:
         datamodule = trainer.datamodule

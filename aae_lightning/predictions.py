@@ -44,7 +44,7 @@ class PredictionWriter(BasePredictionWriter):
         folder = Path(self.output_dir) if self.output_dir else (checkpoint_run_directory(trainer.ckpt_path) or run_directory(trainer))
         path = folder / "predictions" / f"{split}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        merging = next((cb for cb in trainer.callbacks if isinstance(cb, MergedClusters)), None)
+        merging = MergedClusters.of(trainer)
         groups = merging.fit_groups(trainer, pl_module).cpu() if merging is not None else None
         self._write(path, columns, pl_module, names, groups)
         print(f"predict: wrote {len(order)} rows to {path}", flush=True)

@@ -156,7 +156,7 @@ def main():
                 # sizes too: the balance terms and the uniform prior ask for equal ones
                 print(f"test cluster sizes, largest first: {' '.join(str(n) for n in sorted(map(sum, counts), reverse=True))}", flush=True)
                 print(f"test clusters mixing classes (cluster: class x count, of its size): {mixed_clusters(counts)}", flush=True)
-                merging = next((cb for cb in cli.trainer.callbacks if isinstance(cb, MergedClusters)), None)
+                merging = MergedClusters.of(cli.trainer)
                 if merging is not None:
                     # the groups the test scored: the same seeded copies of the same (averaged) weights
                     groups = merging.fit_groups(cli.trainer, cli.model).tolist()
