@@ -1,7 +1,9 @@
 """Evaluate with an average of the recent weights instead of the last step's."""
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from torch import nn
 
 
 def warmed_up_decay(decay: float, updates: torch.Tensor) -> torch.Tensor:
@@ -50,3 +52,14 @@ class EMAWeights(WeightAveraging):
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if self._raw_at_end is not None:
             checkpoint["current_model_state"] = self._raw_at_end
+
+    @property
+    def averaged_module(self) -> nn.Module | None:
+        """The module with the averaged weights, kept beside the training one during fit; None before."""
+        return None if self._average_model is None else self._average_model.module
+
+
+def weight_average(trainer: "L.Trainer | None") -> EMAWeights | None:
+    """The trainer's :class:`EMAWeights` callback, if it has one."""
+    callbacks = [] if trainer is None else [cb for cb in trainer.callbacks if isinstance(cb, EMAWeights)]
+    return callbacks[0] if callbacks else None

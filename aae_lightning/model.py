@@ -12,6 +12,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from aae_lightning.averaging import weight_average
 from aae_lightning.callbacks import ClusterGrid, LatentPlot, PriorSamples, RepresentationMap, StyleGrid
 from aae_lightning.codes import LatentCode
 from aae_lightning.metrics import ClusterMetrics
@@ -360,6 +361,10 @@ class AdversarialAutoencoder(L.LightningModule):
         strategy = self.trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, DDPStrategy):
             strategy._ddp_kwargs["find_unused_parameters"] = True
+        needing = [term for term in self.terms if term.needs_weight_average]
+        if stage == "fit" and needing and weight_average(self._trainer) is None:
+            raise ValueError(f"{needing[0]!r} takes its targets from the weight average: add "
+                             "aae_lightning.EMAWeights to trainer.callbacks")
 
     @contextmanager
     def _phase(self, optimizer) -> Iterator[None]:

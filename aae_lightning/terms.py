@@ -4,10 +4,12 @@ module with no terms is the paper's method (but for its sec. 7 head cost, which 
 config turns one on with one list entry, and ``--print_config`` lists them."""
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from aae_lightning.averaging import weight_average
 from aae_lightning.perturbations import Perturbation
 from aae_lightning.settings import SettingsRepr
 
@@ -37,6 +39,7 @@ class TrainingTerm(SettingsRepr):
     # the optimizer step it joins: "generator" (encoder) or "reconstruction" (encoder, decoder, heads)
     phase = "generator"
     needs_heads = False
+    needs_weight_average = False
 
     def __init__(self, weight: float = 1.0, code: str | None = None, start_step: int = 0):
         if weight < 0:
@@ -116,16 +119,43 @@ class SelfLabelling(PerturbedTerm):
     """Cross-entropy of q(y|perturbation(x)) against the argmax of q(y|x), over the images whose
     q(y|x) is at least ``threshold`` confident (FixMatch's pseudo-labels; the others add zero).
     Where labels anchor the categories, the confident predictions are mostly right and the term
-    spreads them to the unlabelled images."""
+    spreads them to the unlabelled images.
 
-    def __init__(self, perturbation: Perturbation, threshold: float = 0.95, **kwargs):
+    ``targets``: where q(y|x) comes from. ``"codes"``: the phase's own codes (the current weights,
+    on the phase's noisy input). ``"weight_average"``: the :class:`~aae_lightning.EMAWeights`
+    callback's average of the weights on the clean image, batch norm from its running statistics
+    (a mean teacher, Tarvainen & Valpola 2017), which swings less than the last step's weights.
+    With 100 labels it ties with ``"codes"`` on test error over five seeds, validation error 0.17
+    points lower (docs/experiments.md: "Pseudo-labels from the weight average")."""
+
+    def __init__(self, perturbation: Perturbation, threshold: float = 0.95,
+                 targets: Literal["codes", "weight_average"] = "codes", **kwargs):
         super().__init__(perturbation, **kwargs)
         if not 0 < threshold < 1:
             raise ValueError(f"SelfLabelling: threshold must lie in (0, 1), got {threshold}")
+        if targets not in ("codes", "weight_average"):
+            raise ValueError(f"SelfLabelling: targets must be 'codes' or 'weight_average', got {targets!r}")
         self.threshold = threshold
+        self.targets = targets
+
+    @property
+    def needs_weight_average(self) -> bool:
+        return self.targets == "weight_average"
+
+    def target_code(self, model, x, codes) -> torch.Tensor:
+        if self.targets == "codes":
+            return codes[self.code].detach()
+        teacher = weight_average(model.trainer).averaged_module
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            with torch.no_grad():
+                return teacher.encode(x)[self.code]
+        finally:
+            teacher.train(was_training)
 
     def loss(self, model, x, codes):
-        confidence, target = codes[self.code].detach().max(1)
+        confidence, target = self.target_code(model, x, codes).max(1)
         confident = (confidence >= self.threshold).to(confidence.dtype)
         return -(self.perturbed_log_code(model, x).gather(1, target[:, None]).squeeze(1) * confident).mean()
 

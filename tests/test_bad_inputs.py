@@ -103,6 +103,14 @@ def test_batch_of_one_with_a_batch_normalised_encoder(mnist_dir, capsys):
     assert code_ == 2 and "needs training batches of 2 or more images; got a batch of 1" in error_line(err)
 
 
+def test_pseudo_labels_from_the_weight_average_without_the_averaging_callback(mnist_dir, tmp_path, capsys):
+    terms = ("[{class_path: aae_lightning.SelfLabelling, init_args: {perturbation: {class_path: aae_lightning.RandomAffine}, "
+             "targets: weight_average}}]")
+    code_, err = run_cli(["fit", "--config", CLUSTERING, f"--data.data_dir={mnist_dir}", *QUICK, f"--model.init_args.terms={terms}",
+                          "--trainer.logger=false", "--trainer.callbacks=[]", f"--trainer.default_root_dir={tmp_path}"], capsys)
+    assert code_ == 2 and "takes its targets from the weight average: add aae_lightning.EMAWeights to trainer.callbacks" in error_line(err)
+
+
 # ---- data ---------------------------------------------------------------------------------------
 def test_missing_data_files_say_where_to_put_them(tmp_path, capsys):
     code_, err = run_cli(["fit", "--config", BASIC, f"--data.data_dir={tmp_path / 'empty'}", *QUICK], capsys)

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Consistency, GaussianPrior, InstanceContrast,
+from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Consistency, EMAWeights, GaussianPrior, InstanceContrast,
                            LatentCode, MutualInformation, NeighbourAgreement, PairedMutualInformation, RandomAffine, RandomShift, SelfLabelling, VirtualAdversarial)
 from aae_lightning.data import TensorBatches
 
@@ -205,6 +205,33 @@ def test_self_labelling_trains_the_copies_of_confident_images_towards_their_argm
     assert copy_loss(torch.full((4, 3), 1 / 3)) == pytest.approx(2 * math.log(3) / 4, rel=1e-4)
     with pytest.raises(ValueError, match="threshold must lie in"):
         SelfLabelling(identity, threshold=1.0)
+
+
+def test_self_labelling_can_take_its_targets_from_the_weight_average():
+    torch.manual_seed(0)
+    term = SelfLabelling(RandomAffine(degrees=0, scale=(1, 1), max_shift=0), targets="weight_average")
+    model = model_with(term)
+    output = model.encoder[-1][-1]
+
+    def answer(category):  # an encoder whose y is category ``category`` for every image, with certainty
+        with torch.no_grad():
+            output.weight.zero_()
+            output.bias.zero_()
+            output.bias[category] = 50.0
+
+    answer(0)
+    averaging = EMAWeights()
+    trainer = L.Trainer(callbacks=[averaging], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    model.trainer = trainer
+    averaging.setup(trainer, model, "fit")  # the average starts as a copy of the weights: category 0
+    answer(1)  # the weights have moved on
+    x = square_batch(4)
+    # the copies say 1; the average's pseudo-label 0 gives them -log(1e-8) each, the phase's own codes (1) nothing
+    assert term.loss(model, x, model.encode(x)).item() == pytest.approx(-math.log(1e-8), rel=1e-3)
+    assert averaging.averaged_module.training  # put back as it was
+    assert SelfLabelling(term.perturbation, code="y").loss(model, x, model.encode(x)).abs() < 1e-6
+    with pytest.raises(ValueError, match="targets must be 'codes' or 'weight_average'"):
+        SelfLabelling(term.perturbation, targets="teacher")
 
 
 def test_a_term_joins_training_at_its_start_step():
