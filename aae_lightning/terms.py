@@ -39,6 +39,7 @@ class TrainingTerm(SettingsRepr):
     # the optimizer step it joins: "generator" (encoder) or "reconstruction" (encoder, decoder, heads)
     phase = "generator"
     needs_heads = False
+    # whether it reads the EMAWeights callback's average; the model refuses to fit without one
     needs_weight_average = False
 
     def __init__(self, weight: float = 1.0, code: str | None = None, start_step: int = 0):
