@@ -54,10 +54,10 @@ class RestoreProbe(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         (averaging,) = [cb for cb in trainer.callbacks if isinstance(cb, EMAWeights)]
-        average = averaging._average_model  # the callback's state; no public accessor
         RestoreProbe.seen = {"raw": {k: v.clone() for k, v in pl_module.state_dict().items()},
-                             "average": {k: v.clone() for k, v in average.module.state_dict().items()},
-                             "updates": int(average.n_averaged)}
+                             "average": {k: v.clone() for k, v in averaging.averaged_module.state_dict().items()},
+                             # the update count is Lightning's state, with no public accessor
+                             "updates": int(averaging._average_model.n_averaged)}
 
 
 def test_a_resumed_run_starts_from_both_the_raw_weights_and_their_average(mnist_dir, tmp_path, monkeypatch):
