@@ -60,8 +60,8 @@ def main():
             for layout in (False, True):
                 times[layout].append(seconds_per_batch(config, layout, opts.epochs))
         contiguous, channels_last = min(times[False]), min(times[True])
-        print(f"{config}: contiguous {contiguous:.3f} s, channels-last {channels_last:.3f} s "
-              f"(median {statistics.median(times[False]):.3f} / {statistics.median(times[True]):.3f}); "
+        print(f"{config}: contiguous {contiguous:.4g} s, channels-last {channels_last:.4g} s "
+              f"(median {statistics.median(times[False]):.4g} / {statistics.median(times[True]):.4g}); "
               f"channels-last / contiguous speed = {contiguous / channels_last:.2f}", flush=True)
 
 
