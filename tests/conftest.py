@@ -13,6 +13,9 @@ import wandb
 from PIL import Image
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# the trainer's callbacks dropped but for the weight average: the K = 16 clustering configs'
+# self-labelling takes its pseudo-labels from it, and fit refuses to start without it
+ONLY_THE_WEIGHT_AVERAGE = ["--trainer.callbacks=[]", "--trainer.callbacks+=aae_lightning.EMAWeights"]
 
 
 def structured_images(n: int, num_classes: int = 10, size: int = 28, channels: int = 1, seed: int = 0, template_seed: int = 1234,

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from aae_lightning.cli import cli_main
-from conftest import CONFIGS, write_idx, write_idx_dataset, structured_images
+from conftest import CONFIGS, ONLY_THE_WEIGHT_AVERAGE, write_idx, write_idx_dataset, structured_images
 
 BASIC = str(CONFIGS / "basic.yaml")
 CLUSTERING = str(CONFIGS / "clustering.yaml")
@@ -99,7 +99,7 @@ def test_invalid_values(arg, message, mnist_dir, capsys):
 def test_batch_of_one_with_a_batch_normalised_encoder(mnist_dir, capsys):
     code_, err = run_cli(["fit", "--config", CLUSTERING, f"--data.data_dir={mnist_dir}", *QUICK, "--data.batch_size=1",
                           "--model.init_args.encoder=aae_lightning.nets.MLPEncoder", "--model.init_args.encoder.init_args.batch_norm=true",
-                          "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"], capsys)
+                          "--trainer.logger=false", *ONLY_THE_WEIGHT_AVERAGE, "--trainer.enable_checkpointing=false"], capsys)
     assert code_ == 2 and "needs training batches of 2 or more images; got a batch of 1" in error_line(err)
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from aae_lightning.cli import cli_main
 from aae_lightning.precision import choose_precision, cpu_has_bf16
-from conftest import CONFIGS
+from conftest import CONFIGS, ONLY_THE_WEIGHT_AVERAGE
 from aae_lightning.offline_runs import offline_runs
 
 ALL_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
@@ -206,7 +206,7 @@ def test_drawing_figures_does_not_change_the_training_run(mnist_dir):
     """The figures draw from their own random stream: a run with them ends with the same weights."""
     def weights(every: int) -> dict:
         cli = cli_main(["--config", str(CONFIGS / "clustering.yaml"), f"--data.data_dir={mnist_dir}", *TINY, "--trainer.max_epochs=2",
-                        "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+                        "--trainer.logger=false", *ONLY_THE_WEIGHT_AVERAGE, "--trainer.enable_checkpointing=false",
                         f"--model.init_args.figures_every_n_epochs={every}"], run=False)
         cli.trainer.fit(cli.model, cli.datamodule)
         return cli.model.state_dict()

@@ -3,10 +3,10 @@
 import pytest
 
 from aae_lightning.cli import cli_main
-from conftest import CONFIGS, write_idx_dataset
+from conftest import CONFIGS, ONLY_THE_WEIGHT_AVERAGE, write_idx_dataset
 
 QUIET = ["--data.download=false", "--data.val_size=500", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
-         "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--model.init_args.figures_every_n_epochs=0"]
+         *ONLY_THE_WEIGHT_AVERAGE, "--trainer.enable_checkpointing=false", "--model.init_args.figures_every_n_epochs=0"]
 # the paper's method alone: its plain MLP encoder, no extra training terms, the digits as they are
 PAPER = ["--model.init_args.terms=[]", "--model.init_args.encoder=aae_lightning.nets.MLPEncoder", "--data.init_args.transform=null"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from aae_lightning.cli import cli_main
-from conftest import CONFIGS
+from conftest import CONFIGS, ONLY_THE_WEIGHT_AVERAGE
 
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 COMMON = ["--data.download=false", "--data.val_size=100", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
@@ -39,7 +39,7 @@ def test_ddp_fit_on_two_processes_and_metrics_equal_one_process(mnist_dir, tmp_p
     config = str(CONFIGS / "clustering.yaml")
     data = [f"--data.data_dir={mnist_dir}", *COMMON]
     out = run(["fit", "--config", config, *data, *DDP, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-               "--trainer.callbacks=[]", f"--trainer.default_root_dir={tmp_path}"], tmp_path)
+               *ONLY_THE_WEIGHT_AVERAGE, f"--trainer.default_root_dir={tmp_path}"], tmp_path)
     assert "GLOBAL_RANK: 1" in out and "MEMBER: 2/2" in out
     (ckpt,) = Path(tmp_path).rglob("*.ckpt")
 

@@ -10,6 +10,7 @@ from aae_lightning.cli import cli_main
 from aae_lightning.offline_runs import offline_runs
 from aae_lightning.sweep import OfflineSweep, expand_command, load_sweep_config
 from aae_lightning.tracking import choose_wandb_mode, has_wandb_credentials
+from conftest import ONLY_THE_WEIGHT_AVERAGE
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -55,7 +56,7 @@ def test_two_trial_offline_sweep_records_runs_and_ranks_them(tmp_path, mnist_dir
         "command": ["${env}", "${interpreter}", "-m", "aae_lightning", "fit", "--config", str(ROOT / "configs/clustering.yaml"), "${args}"],
     }))
     tiny = [f"--data.data_dir={mnist_dir}", "--data.download=false", "--data.val_size=100", "--trainer.max_epochs=2",
-            "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]",
+            "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false", *ONLY_THE_WEIGHT_AVERAGE,
             "--trainer.enable_checkpointing=false"]
     result = subprocess.run([sys.executable, "-m", "aae_lightning", "sweep", str(sweep_file), "--count", "3", "--", *tiny],
                             cwd=tmp_path, capture_output=True, text=True, timeout=400)
