@@ -8,7 +8,7 @@ from aae_lightning.data import FashionMNISTDataModule, ImageDataModule, ImageFol
 from aae_lightning.likelihood import ParzenLikelihood
 from aae_lightning.merging import MergedClusters
 from aae_lightning.model import AdversarialAutoencoder
-from aae_lightning.perturbations import RandomAffine, RandomShift, VirtualAdversarial
+from aae_lightning.perturbations import RandomAffine, RandomElastic, RandomShift, VirtualAdversarial
 from aae_lightning.predictions import PredictionWriter
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
 from aae_lightning.runs import RunSummary
@@ -47,6 +47,7 @@ __all__ = [
     "Prior",
     "PriorSamples",
     "RandomAffine",
+    "RandomElastic",
     "RandomShift",
     "RepresentationMap",
     "RunSummary",

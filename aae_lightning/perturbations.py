@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
 
 from aae_lightning.settings import SettingsRepr
 
@@ -60,6 +61,10 @@ class RandomAffine(Perturbation):
         self.degrees, self.scale, self.shear, self.max_shift = degrees, tuple(scale), shear, max_shift
 
     def __call__(self, x, predict=None):
+        return _warp(x, self.theta(x), "bilinear")
+
+    def theta(self, x: torch.Tensor) -> torch.Tensor:
+        """One affine map per image, as ``affine_grid``'s (N, 2, 3) matrices."""
         n, _, h, w = x.shape
 
         def uniform(low, high):
@@ -75,7 +80,32 @@ class RandomAffine(Perturbation):
         theta[:, 1, 0], theta[:, 1, 1] = sin * inverse_scale, cos * inverse_scale
         theta[:, 0, 2] = uniform(-self.max_shift, self.max_shift) * 2 / w
         theta[:, 1, 2] = uniform(-self.max_shift, self.max_shift) * 2 / h
-        return _warp(x, theta, "bilinear")
+        return theta
+
+
+class RandomElastic(RandomAffine):
+    """RandomAffine's map plus a smooth random displacement of every pixel, per image (Simard et
+    al. 2003's elastic distortion: uniform noise in [-1, 1] per pixel and axis, blurred by a
+    Gaussian of ``sigma`` pixels, times ``alpha`` pixels). An affine map moves a digit as a whole;
+    the field bends its strokes as another writer's would. Both go into one ``grid_sample``, so the
+    image is interpolated once."""
+
+    def __init__(self, alpha: float = 34.0, sigma: float = 5.0, degrees: float = 15.0, scale: tuple[float, float] = (0.9, 1.1),
+                 shear: float = 0.0, max_shift: float = 3.0):
+        super().__init__(degrees, scale, shear, max_shift)
+        if alpha < 0 or sigma <= 0:
+            raise ValueError(f"RandomElastic: alpha must be >= 0 and sigma > 0, got alpha={alpha}, sigma={sigma}")
+        self.alpha, self.sigma = alpha, sigma
+
+    def __call__(self, x, predict=None):
+        n, _, h, w = x.shape
+        grid = F.affine_grid(self.theta(x), list(x.shape), align_corners=False)
+        kernel = 2 * math.ceil(2 * self.sigma) + 1
+        noise = torch.empty(n, 2, h, w, device=x.device, dtype=x.dtype).uniform_(-1, 1)
+        field = gaussian_blur(noise, [kernel, kernel], [self.sigma, self.sigma]) * self.alpha
+        # pixels to affine_grid's [-1, 1] coordinates, (x, y) last as the grid has them
+        pixel = torch.tensor([2 / w, 2 / h], device=x.device, dtype=x.dtype)
+        return F.grid_sample(x, grid + field.permute(0, 2, 3, 1) * pixel, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class VirtualAdversarial(Perturbation):

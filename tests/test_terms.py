@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Consistency, EMAWeights, GaussianPrior, InstanceContrast,
-                           LatentCode, MutualInformation, NeighbourAgreement, PairedMutualInformation, RandomAffine, RandomShift, SelfLabelling, VirtualAdversarial)
+                           LatentCode, MutualInformation, NeighbourAgreement, PairedMutualInformation, RandomAffine, RandomElastic, RandomShift, SelfLabelling,
+                           VirtualAdversarial)
 from aae_lightning.data import TensorBatches
 
 
@@ -282,6 +283,25 @@ def test_random_affine_is_the_identity_at_zero_range_and_rotates_otherwise():
     assert row_extent.min() < 6 < 18 < row_extent.max()
     enlarged = RandomAffine(degrees=0, scale=(1.3, 1.3), max_shift=0)(bar)
     assert enlarged.sum() > 1.2 * bar.sum()
+
+
+def test_random_elastic_displaces_pixels_smoothly_by_alpha():
+    # on a ramp whose value is the column index, a bilinear warp returns where each pixel sampled
+    # from, so the output minus the ramp is the horizontal displacement in pixels
+    ramp = torch.arange(28.0).expand(1, 1, 28, 28).repeat(50, 1, 1, 1)
+    inside = (slice(None), 0, slice(8, 20), slice(8, 20))
+    no_affine = {"degrees": 0, "scale": (1, 1), "max_shift": 0}
+    assert torch.allclose(RandomElastic(alpha=0, **no_affine)(ramp)[inside], ramp[inside], atol=1e-4)
+    torch.manual_seed(0)
+    field = (RandomElastic(alpha=34, sigma=5, **no_affine)(ramp) - ramp)[inside]
+    torch.manual_seed(0)
+    doubled = (RandomElastic(alpha=68, sigma=5, **no_affine)(ramp) - ramp)[inside]
+    assert 0.5 < field.std() < 3 and torch.allclose(doubled, 2 * field, atol=1e-3)
+    # smooth: next pixels move almost together; each image its own field
+    assert (field[:, :, 1:] - field[:, :, :-1]).abs().mean() < 0.2 * field.abs().mean()
+    assert (field[1:] - field[:-1]).abs().mean() > 0.5 * field.abs().mean()
+    with pytest.raises(ValueError, match="sigma > 0"):
+        RandomElastic(sigma=0)
 
 
 @pytest.mark.parametrize("neighbour", [None, 3])
