@@ -24,8 +24,12 @@ class Perturbation(SettingsRepr):
         raise NotImplementedError
 
 
-def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
+def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str, displacement: torch.Tensor | None = None) -> torch.Tensor:
+    """Resample ``x`` under per-image affine maps ``theta``, plus a per-pixel ``displacement`` of
+    the sampling grid (N, H, W, 2) in its [-1, 1] coordinates where given."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if displacement is not None:
+        grid = grid + displacement
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
@@ -99,13 +103,13 @@ class RandomElastic(RandomAffine):
 
     def __call__(self, x, predict=None):
         n, _, h, w = x.shape
-        grid = F.affine_grid(self.theta(x), list(x.shape), align_corners=False)
+        theta = self.theta(x)
         kernel = 2 * math.ceil(2 * self.sigma) + 1
         noise = torch.empty(n, 2, h, w, device=x.device, dtype=x.dtype).uniform_(-1, 1)
         field = gaussian_blur(noise, [kernel, kernel], [self.sigma, self.sigma]) * self.alpha
         # pixels to affine_grid's [-1, 1] coordinates, (x, y) last as the grid has them
         pixel = torch.tensor([2 / w, 2 / h], device=x.device, dtype=x.dtype)
-        return F.grid_sample(x, grid + field.permute(0, 2, 3, 1) * pixel, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return _warp(x, theta, "bilinear", field.permute(0, 2, 3, 1) * pixel)
 
 
 class VirtualAdversarial(Perturbation):
