@@ -22,21 +22,25 @@ from aae_lightning.perturbations import Perturbation, RandomAffine
 def merge_clusters(joint: torch.Tensor, num_groups: int) -> torch.Tensor:
     """The group (0 .. num_groups - 1) of each of K clusters, from their K x K joint ``P(y, y')``
     over images and their perturbed copies: average-linkage agglomeration on the affinity
-    ``P(a, b) / sqrt(P(a) P(b))`` (how much more often than by chance a and b trade images), which
-    does not favour merging the largest clusters. A cluster holding less than a tenth of an equal
-    share is left out of the agglomeration (nothing says where it belongs, and leaving it alone
-    would cost a merge of two real ones) and joins the group it trades most with."""
+    ``P(a, b) / min(P(a), P(b))``, the share of the smaller cluster's images that go to the other.
+    It does not favour merging the largest clusters, nor pass over a small cluster of a digit whose
+    images go to a large one (``P(a, b) / sqrt(P(a) P(b))`` shrinks by the root of their sizes'
+    ratio, and left such a cluster alone at the cost of a merge of two digits). A cluster
+    holding less than a tenth of an equal share is left out of the agglomeration (nothing says
+    where it belongs, and leaving it alone would cost a merge of two real ones) and joins the
+    group it trades most with."""
     k = joint.shape[0]
     if not 1 <= num_groups <= k:
         raise ValueError(f"MergedClusters: cannot merge {k} clusters into {num_groups}")
-    joint = (joint + joint.T).double() / 2
-    mass = joint.sum(1) / joint.sum()
+    joint = (joint + joint.T).double()
+    joint = joint / joint.sum()
+    mass = joint.sum(1)
     large = mass >= 0.1 / k
     used = large.nonzero().squeeze(1)
     groups = torch.zeros(k, dtype=torch.long)
     if len(used) > num_groups:
         sub = joint[used][:, used]
-        affinity = (sub / (mass[used, None] * mass[None, used]).sqrt()).numpy()
+        affinity = (sub / torch.minimum(mass[used, None], mass[None, used])).numpy()
         distance = affinity.max() - affinity
         np.fill_diagonal(distance, 0)
         labels = fcluster(linkage(squareform(distance, checks=False), method="average"), num_groups, criterion="maxclust")

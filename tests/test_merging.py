@@ -27,6 +27,22 @@ def test_merge_clusters_joins_the_clusters_that_trade_images_beyond_their_size()
     assert merge_clusters(joint, 4).tolist() == [0, 1, 2, 3]
 
 
+def test_a_small_cluster_joins_the_large_cluster_it_sends_its_images_to():
+    # six clusters of six digits (0.16 each) and a small second cluster of digit 0 (0.02) that sends
+    # 15% of its images to cluster 0; clusters 1 and 2, of two digits, trade 6% of theirs. Divided by
+    # the root of their sizes the two pairs look alike (0.053 against 0.062: digits 1 and 2 would be
+    # merged, the small cluster left alone); as the share of the smaller one's images that go to the
+    # other they do not (0.15 against 0.062)
+    joint = torch.diag(torch.tensor([0.16] * 6 + [0.02]))
+    joint[0, 6] = joint[6, 0] = 0.003
+    joint[6, 6] -= 0.003
+    joint[0, 0] -= 0.003
+    joint[1, 2] = joint[2, 1] = 0.01
+    joint[1, 1] -= 0.01
+    joint[2, 2] -= 0.01
+    assert merge_clusters(joint, 6).tolist() == [0, 1, 2, 3, 4, 5, 0]
+
+
 def test_an_empty_cluster_joins_a_group_instead_of_costing_a_merge():
     # clusters 0 / 1 and 2 / 3 hold four pure classes; cluster 4 is all but empty and trades with 3
     joint = torch.diag(torch.tensor([0.25, 0.25, 0.25, 0.2499, 0.0001]))
