@@ -28,11 +28,12 @@ def test_merge_clusters_joins_the_clusters_that_trade_images_beyond_their_size()
 
 
 def test_a_small_cluster_joins_the_large_cluster_it_sends_its_images_to():
-    # six clusters of six digits (0.16 each) and a small second cluster of digit 0 (0.02) that sends
-    # 15% of its images to cluster 0; clusters 1 and 2, of two digits, trade 6% of theirs. Divided by
-    # the root of their sizes the two pairs look alike (0.053 against 0.062: digits 1 and 2 would be
-    # merged, the small cluster left alone); as the share of the smaller one's images that go to the
-    # other they do not (0.15 against 0.062)
+    # six clusters of six digits (0.16 each) and a small second cluster of digit 0 (0.02, above a
+    # tenth of an equal share, so it takes part in the agglomeration) that sends 15% of its images to
+    # cluster 0; clusters 1 and 2, of two digits, trade 6% of theirs. Divided by the root of their
+    # sizes the two pairs look alike (0.053 against 0.062: digits 1 and 2 would be merged, the small
+    # cluster left alone); as the share of the smaller one's images that go to the other they do not
+    # (0.15 against 0.062)
     joint = torch.diag(torch.tensor([0.16] * 6 + [0.02]))
     joint[0, 6] = joint[6, 0] = 0.003
     joint[6, 6] -= 0.003
