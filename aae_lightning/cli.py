@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import wandb
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from aae_lightning.checkpointing import CheckpointError, check_ckpt_path, check_matches, find_last_checkpoint, load_checkpoint
+from aae_lightning.config_files import expand_extends
 from aae_lightning.data import DataError, ImageDataModule
 from aae_lightning.model import AdversarialAutoencoder, NonFiniteLossError
 from aae_lightning.precision import choose_precision
@@ -95,7 +97,10 @@ class AAECLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser, args):
-        super().parse_arguments(parser, args)
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+        else:
+            self.config = parser.parse_args(expand_extends(sys.argv[1:] if args is None else list(args)))
         # LightningCLI reads the checkpoint's hyperparameters right after parsing; refuse a bad
         # file here with one line instead of a traceback from torch.load
         subcommand = self.config.get("subcommand")

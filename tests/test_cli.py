@@ -17,9 +17,17 @@ TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.
         "--trainer.enable_progress_bar=false", "--data.download=false", "--data.val_size=100"]
 
 
-def data_args_for(config: Path, request) -> list[str]:
+def resolved_config(config: Path, capsys) -> dict:
+    """The config as the CLI reads it, the configs it extends applied: what ``--print_config`` prints."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def data_args_for(resolved: dict, request) -> list[str]:
     """The tiny dataset a config's DataModule reads, and the TINY arguments it takes."""
-    data_class = yaml.safe_load(config.read_text())["data"]["class_path"].rsplit(".", 1)[1]
+    data_class = resolved["data"]["class_path"].rsplit(".", 1)[1]
     fixture = {"SVHNDataModule": "svhn_dir", "FashionMNISTDataModule": "fashion_dir",
                "ImageFolderDataModule": "image_folder_dir"}.get(data_class, "mnist_dir")
     # a folder of one's own images has nothing to download
@@ -32,21 +40,22 @@ def last_checkpoint(root: Path) -> Path:
     return ckpt
 
 
-def fewer_labels(config: Path) -> list[str]:
+def fewer_labels(resolved: dict) -> list[str]:
     """The tiny datasets have 50 training images per class."""
-    num_labeled = (yaml.safe_load(config.read_text())["data"].get("init_args") or {}).get("num_labeled")
-    return ["--data.num_labeled=100"] if num_labeled else []
+    return ["--data.num_labeled=100"] if resolved["data"]["init_args"].get("num_labeled") else []
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=[c.stem for c in ALL_CONFIGS])
-def test_every_config_fits_on_tiny_data(config, request, offline_wandb):
-    cli_main(["fit", "--config", str(config), *data_args_for(config, request), *fewer_labels(config)])
+def test_every_config_fits_on_tiny_data(config, request, offline_wandb, capsys):
+    resolved = resolved_config(config, capsys)
+    cli_main(["fit", "--config", str(config), *data_args_for(resolved, request), *fewer_labels(resolved)])
     assert last_checkpoint(offline_wandb).is_file()
     (run,) = offline_runs(offline_wandb)
     assert run.values("train/recon_loss_epoch") and "val/recon_loss" in run.summary
-    if "aae_lightning.MergedClusters" in config.read_text():
+    if "aae_lightning.MergedClusters" in [c["class_path"] for c in resolved["trainer"]["callbacks"]]:
         assert 0 < run.summary["val/merged/clusters_used"] <= 10 and "val/merged/acc" in run.summary
-    assert run.config["model"]["class_path"] == yaml.safe_load(config.read_text())["model"]["class_path"]
+    # what the run recorded is the whole config, the configs it extends included
+    assert run.config["model"] == resolved["model"] and run.config["data"]["class_path"] == resolved["data"]["class_path"]
 
 
 def test_fit_then_validate_from_checkpoint_prints_val_loss(mnist_dir, offline_wandb, capsys):

@@ -1,0 +1,76 @@
+"""Experiment configs that extend another config (``extends: BASE.yaml``)."""
+
+import pytest
+import yaml
+
+from aae_lightning.cli import cli_main
+from aae_lightning.config_files import expand_extends
+from conftest import CONFIGS
+from test_bad_inputs import run_cli
+from test_cli import resolved_config
+
+
+def write(path, config: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_an_experiment_is_its_base_chain_with_its_own_keys_on_top(tmp_path, capsys):
+    write(tmp_path / "base.yaml", {"extends": str(CONFIGS / "basic.yaml"),
+                                   "model": {"init_args": {"lr": 0.001, "input_noise": 0.2}}})
+    experiment = write(tmp_path / "experiments" / "k.yaml", {"extends": "../base.yaml", "model": {"init_args": {"lr": 0.003}},
+                                                             "trainer": {"max_epochs": 7}})
+    printed = resolved_config(experiment, capsys)
+    basic = resolved_config(CONFIGS / "basic.yaml", capsys)
+    assert printed["model"]["init_args"]["lr"] == 0.003  # the experiment over its base
+    assert printed["model"]["init_args"]["input_noise"] == 0.2  # the base over basic.yaml
+    assert printed["trainer"]["max_epochs"] == 7
+    # and the rest is basic.yaml's, with nothing of the key itself left
+    assert printed["model"]["init_args"]["codes"] == basic["model"]["init_args"]["codes"] and "extends" not in printed
+    # the form --config=FILE, and a config given as a YAML string passes through as it is
+    assert expand_extends(["fit", f"--config={experiment}", "--config", "{trainer: {max_epochs: 3}}"]) == [
+        "fit", "--config", str(CONFIGS / "basic.yaml"), "--config", "model:\n  init_args:\n    lr: 0.001\n    input_noise: 0.2\n",
+        "--config", "model:\n  init_args:\n    lr: 0.003\ntrainer:\n  max_epochs: 7\n", "--config", "{trainer: {max_epochs: 3}}"]
+
+
+def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys):
+    k16 = resolved_config(CONFIGS / "clustering.yaml", capsys)
+    k10 = resolved_config(CONFIGS / "clustering_10.yaml", capsys)
+    merge = k10["trainer"]["callbacks"].pop()
+    assert merge["class_path"] == "aae_lightning.MergedClusters" and merge["init_args"]["num_clusters"] == 10
+    assert k10 == k16
+
+    k30 = resolved_config(CONFIGS / "clustering_30.yaml", capsys)
+    assert k30["model"]["init_args"]["codes"]["y"]["init_args"]["prior"]["init_args"]["num_classes"] == 30
+    k30["model"]["init_args"]["codes"]["y"]["init_args"]["prior"]["init_args"]["num_classes"] = 16
+    terms = {t["class_path"].rsplit(".", 1)[1]: t["init_args"] for t in k30["model"]["init_args"]["terms"]}
+    assert (terms["SelfLabelling"]["targets"], terms["InstanceContrast"]["temperature"]) == ("codes", 0.5)
+    terms["SelfLabelling"]["targets"], terms["InstanceContrast"]["temperature"] = "weight_average", 0.2
+    assert k30 == k16
+
+    labels100 = resolved_config(CONFIGS / "semi_supervised_mnist_100.yaml", capsys)
+    labels1000 = resolved_config(CONFIGS / "semi_supervised_mnist_1000.yaml", capsys)
+    assert labels1000["data"]["init_args"].pop("num_labeled") == 1000 and labels100["data"]["init_args"].pop("num_labeled") == 100
+    maps = [labels1000["model"]["init_args"]["supervised_perturbation"],
+            labels1000["model"]["init_args"]["terms"][3]["init_args"]["perturbation"]]
+    assert [m["class_path"] for m in maps] == ["aae_lightning.RandomAffine"] * 2
+    for m in maps:  # the elastic field's own settings on top of the affine map's
+        m["class_path"] = "aae_lightning.RandomElastic"
+        m["init_args"].update({"alpha": 34.0, "sigma": 5.0})
+    assert labels1000 == labels100
+
+
+def test_a_loop_or_a_missing_base_ends_in_one_line(tmp_path, capsys):
+    write(tmp_path / "a.yaml", {"extends": "b.yaml"})
+    write(tmp_path / "b.yaml", {"extends": ["a.yaml"]})
+    code, err = run_cli(["fit", "--config", str(tmp_path / "a.yaml")], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].endswith("extend each other in a loop (a.yaml -> b.yaml -> a.yaml)")
+
+    write(tmp_path / "c.yaml", {"extends": "gone.yaml"})
+    code, err = run_cli(["fit", "--config", str(tmp_path / "c.yaml")], capsys)
+    assert code == 2 and f"c.yaml extends gone.yaml, which is not a file (looked for {tmp_path / 'gone.yaml'})" in err
+
+    write(tmp_path / "d.yaml", {"extends": {"path": "a.yaml"}})
+    code, err = run_cli(["fit", "--config", str(tmp_path / "d.yaml")], capsys)
+    assert code == 2 and "'extends' takes a config file's path" in err
