@@ -100,6 +100,7 @@ class AAECLI(LightningCLI):
         if isinstance(args, (dict, Namespace)):
             super().parse_arguments(parser, args)
         else:
+            # a config that extends another is read as the chain of configs it names
             self.config = parser.parse_args(expand_extends(sys.argv[1:] if args is None else list(args)))
         # LightningCLI reads the checkpoint's hyperparameters right after parsing; refuse a bad
         # file here with one line instead of a traceback from torch.load
