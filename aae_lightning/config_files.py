@@ -1,8 +1,8 @@
 """Experiment configs that build on another config: a top-level ``extends: BASE.yaml`` key.
 
 jsonargparse applies several ``--config`` files in order, a later one overriding the earlier ones
-(a dict key by key, a list as a whole; ``callbacks+`` appends), but one config file cannot name
-another. So before parsing, ``--config EXPERIMENT`` whose file extends ``BASE`` (a path relative
+(a dict key by key; a list of the same length entry by entry, else as a whole; ``callbacks+``
+appends), but one config file cannot name another. So before parsing, ``--config EXPERIMENT`` whose file extends ``BASE`` (a path relative
 to the file; a list for several) becomes ``--config BASE --config <EXPERIMENT without the key>``,
 through any chain of bases. An experiment config then says only what makes the experiment.
 """
@@ -47,8 +47,8 @@ def _config_chain(value: str, extended_by: tuple[Path, ...] = ()) -> list[str]:
                          f"got {bases!r}")
     here = path.resolve()
     if here in extended_by:
-        chain = " -> ".join(p.name for p in (*extended_by, here))
-        raise ValueError(f"{path}: the configs extend each other in a loop ({chain})")
+        loop = " -> ".join(p.name for p in (*extended_by, here))
+        raise ValueError(f"{path}: the configs extend each other in a loop ({loop})")
     chain: list[str] = []
     for base in bases:
         base_path = path.parent / base

@@ -1,9 +1,7 @@
 """Experiment configs that extend another config (``extends: BASE.yaml``)."""
 
-import pytest
 import yaml
 
-from aae_lightning.cli import cli_main
 from aae_lightning.config_files import expand_extends
 from conftest import CONFIGS
 from test_bad_inputs import run_cli
