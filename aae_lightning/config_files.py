@@ -2,9 +2,10 @@
 
 jsonargparse applies several ``--config`` files in order, a later one overriding the earlier ones
 (a dict key by key; a list of the same length entry by entry, else as a whole; ``callbacks+``
-appends), but one config file cannot name another. So before parsing, ``--config EXPERIMENT`` whose file extends ``BASE`` (a path relative
-to the file; a list for several) becomes ``--config BASE --config <EXPERIMENT without the key>``,
-through any chain of bases. An experiment config then says only what makes the experiment.
+appends), but one config file cannot name another. So before parsing, ``--config EXPERIMENT``
+whose file extends ``BASE`` (a path relative to the file; a list for several) becomes
+``--config BASE --config <EXPERIMENT without the key>``, through any chain of bases. An experiment
+config then says only what makes the experiment.
 """
 
 from pathlib import Path
