@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Consistency, EMAWeights, GaussianPrior, InstanceContrast,
-                           LatentCode, MutualInformation, NeighbourAgreement, PairedMutualInformation, RandomAffine, RandomElastic, RandomShift, SelfLabelling,
+                           InterpolationConsistency, LatentCode, MutualInformation, NeighbourAgreement, PairedMutualInformation, RandomAffine, RandomElastic, RandomShift, SelfLabelling,
                            VirtualAdversarial)
 from aae_lightning.data import TensorBatches
 
@@ -233,6 +233,51 @@ def test_self_labelling_can_take_its_targets_from_the_weight_average():
     assert SelfLabelling(term.perturbation, code="y").loss(model, x, model.encode(x)).abs() < 1e-6
     with pytest.raises(ValueError, match="targets must be 'codes' or 'weight_average'"):
         SelfLabelling(term.perturbation, targets="teacher")
+
+
+def test_interpolation_consistency_is_zero_for_a_code_linear_in_the_image_and_positive_for_a_step():
+    # images of one grey level g: a code [g, 1 - g] is linear in the image, so every mix's code is
+    # the mix of the codes; a code that jumps at g = 0.5 misses the mixed target by 2 min(lam, 1 - lam)^2
+    torch.manual_seed(0)
+    x = torch.tensor([0.0, 1.0, 0.0, 1.0] * 8).view(-1, 1, 1, 1).expand(-1, 1, 28, 28)
+
+    def model(code_of_grey):
+        return SimpleNamespace(encode=lambda images: {"y": code_of_grey(images.mean((1, 2, 3)))})
+
+    def linear(grey):
+        return torch.stack([grey, 1 - grey], 1)
+
+    def step(grey):
+        return linear((grey > 0.5).float())
+
+    term = InterpolationConsistency(code="y")
+    assert term.loss(model(linear), x, {"y": linear(x.mean((1, 2, 3)))}) < 1e-10
+    jumping = term.loss(model(step), x, {"y": step(x.mean((1, 2, 3)))})
+    assert 0.01 < jumping <= 0.5  # about half the pairs mix a 0 with a 1: E[2 min(lam, 1 - lam)^2] = 1/6 each
+    # alpha near 0 draws lam near 0 or 1: the mixes are the images themselves
+    assert InterpolationConsistency(code="y", alpha=0.01).loss(model(step), x, {"y": step(x.mean((1, 2, 3)))}) < 0.05 * jumping
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        InterpolationConsistency(alpha=0)
+
+
+def test_interpolation_consistency_trains_the_encoder_and_holds_its_targets_fixed():
+    torch.manual_seed(0)
+    term = InterpolationConsistency()
+    model = model_with(term)
+    x = torch.rand(32, 1, 28, 28)
+    optimizer = torch.optim.Adam(model.encoder.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = term.loss(model, x, {"y": model.encode(x)["y"]})
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    targets = model.encode(x)["y"].detach().requires_grad_()
+    term.loss(model, x, {"y": targets}).backward()
+    assert targets.grad is None  # only the mixed images' codes learn
+    assert InterpolationConsistency(targets="weight_average").needs_weight_average
 
 
 def test_a_term_joins_training_at_its_start_step():
