@@ -157,9 +157,8 @@ class SelfLabelling(TargetsFrom, PerturbedTerm):
     labels and lowered K = 30 on two seeds (docs/experiments.md: "Pseudo-labels from the weight
     average", "The weight average's pseudo-labels in the clustering configs")."""
 
-    def __init__(self, perturbation: Perturbation, threshold: float = 0.95,
-                 targets: Literal["codes", "weight_average"] = "codes", **kwargs):
-        super().__init__(perturbation=perturbation, targets=targets, **kwargs)
+    def __init__(self, perturbation: Perturbation, threshold: float = 0.95, **kwargs):
+        super().__init__(perturbation=perturbation, **kwargs)
         if not 0 < threshold < 1:
             raise ValueError(f"SelfLabelling: threshold must lie in (0, 1), got {threshold}")
         self.threshold = threshold
@@ -179,8 +178,8 @@ class InterpolationConsistency(TargetsFrom, TrainingTerm):
     With 100 labels it did not lower the error, and at ICT's weight 10 it raised it
     (docs/experiments.md: "interpolation consistency")."""
 
-    def __init__(self, alpha: float = 1.0, targets: Literal["codes", "weight_average"] = "codes", **kwargs):
-        super().__init__(targets=targets, **kwargs)
+    def __init__(self, alpha: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
         if alpha <= 0:
             raise ValueError(f"InterpolationConsistency: alpha must be > 0, got {alpha}")
         self.alpha = alpha
