@@ -1,9 +1,12 @@
 """Evaluate with an average of the recent weights instead of the last step's."""
 
+import itertools
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 
 def warmed_up_decay(decay: float, updates: torch.Tensor) -> torch.Tensor:
@@ -21,11 +24,20 @@ class EMAWeights(WeightAveraging):
     the validation purity swings by several points, so the last step's weights are a draw from
     that swing. Lightning's ``EMAWeightAveraging`` with a fixed decay lags behind the first epochs
     instead; the decay here warms up (:func:`warmed_up_decay`).
+
+    ``batch_norm_batches``: before each validation, at a checkpoint and when fit ends, the average's
+    encoder recomputes its batch-norm statistics from this many batches of clean training images (as
+    SWA does; 0 keeps the statistics averaged like the weights). The running statistics training
+    leaves mix clean copies with noisy and distorted ones, and an average of statistics is not the
+    statistics of the averaged weights; evaluation sees clean images.
     """
 
-    def __init__(self, decay: float = 0.998):
+    def __init__(self, decay: float = 0.998, batch_norm_batches: int = 20):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMAWeights: decay={decay} must lie between 0 and 1")
+        if batch_norm_batches < 0:
+            raise ValueError(f"EMAWeights: batch_norm_batches={batch_norm_batches} must be >= 0")
+        self.batch_norm_batches = batch_norm_batches
 
         @torch.no_grad()
         def average(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
@@ -38,17 +50,47 @@ class EMAWeights(WeightAveraging):
 
         super().__init__(multi_avg_fn=average)
         self._raw_at_end: dict[str, torch.Tensor] | None = None
+        # whether the average's batch-norm statistics were recomputed since its last update
+        self._statistics_fresh = False
 
     def on_train_start(self, trainer, pl_module):
         self._raw_at_end = None
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._statistics_fresh = False
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._recompute_batch_norm(trainer)
+        super().on_validation_epoch_start(trainer, pl_module)
+
     def on_train_end(self, trainer, pl_module):
+        self._recompute_batch_norm(trainer)
         # the parent copies the average into the module; ModelCheckpoint's last.ckpt comes after
         # it, and a run resumed from that file must still train on from the raw weights
         self._raw_at_end = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         super().on_train_end(trainer, pl_module)
 
+    def _recompute_batch_norm(self, trainer) -> None:
+        encoder = getattr(self.averaged_module, "encoder", None)
+        if self._statistics_fresh or not self.batch_norm_batches or encoder is None:
+            return
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules()):
+            return
+        if trainer.datamodule is None:
+            raise ValueError("EMAWeights recomputes the average's batch-norm statistics from the DataModule's training images: "
+                             "fit with a DataModule, or set batch_norm_batches: 0")
+        loader = trainer.datamodule.train_dataloader()
+        if isinstance(loader, dict):  # semi-supervised: {"all": every training image, "labeled": ...}
+            loader = loader["all"]
+        device = next(encoder.parameters()).device
+        # train-mode passes would draw dropout masks: the training run's random stream stays as it was
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), trainer.precision_plugin.forward_context():
+            update_bn(itertools.islice(loader, self.batch_norm_batches), encoder, device=device)
+        self._statistics_fresh = True
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self._recompute_batch_norm(trainer)
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if self._raw_at_end is not None:
             checkpoint["current_model_state"] = self._raw_at_end

@@ -92,3 +92,70 @@ def test_a_decay_outside_zero_to_one_is_refused_in_one_line(mnist_dir, capsys):
                   "--trainer.logger=false", "--trainer.callbacks=[aae_lightning.EMAWeights]", "--trainer.callbacks.decay=1.5"])
     assert exit_info.value.code == 2
     assert "EMAWeights: decay=1.5 must lie between 0 and 1" in capsys.readouterr().err
+
+
+class NoisyEncoderFit(L.LightningModule):
+    """An encoder with batch norm and dropout, trained on heavily noised inputs: the running
+    statistics training leaves are those of the noisy copies, not of the clean images."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+
+    def training_step(self, batch, batch_idx):
+        noisy = batch[0] + 3 * torch.randn_like(batch[0])
+        return self.encoder(noisy).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.encoder(batch[0]).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class CleanImages(L.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        self.images = torch.randn(200, 4, generator=torch.Generator().manual_seed(0)) * 0.5 + 1.0
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.images), batch_size=20)
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+def fit_noisy_encoder(batch_norm_batches: int) -> tuple[NoisyEncoderFit, EMAWeights, CleanImages]:
+    torch.manual_seed(0)
+    model, data = NoisyEncoderFit(), CleanImages()
+    averaging = EMAWeights(batch_norm_batches=batch_norm_batches)
+    trainer = L.Trainer(max_epochs=2, callbacks=[averaging], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    return model, averaging, data
+
+
+def test_the_average_recomputes_its_batch_norm_statistics_from_clean_training_images():
+    recomputed, _, data = fit_noisy_encoder(batch_norm_batches=10)
+    averaged, _, _ = fit_noisy_encoder(batch_norm_batches=0)
+
+    # by hand: the statistics of the averaged first layer's outputs on the clean images
+    with torch.no_grad():
+        hidden = recomputed.encoder[0](data.images)
+    norm = recomputed.encoder[1]
+    assert torch.allclose(norm.running_mean, hidden.mean(0), atol=1e-5)
+    # update_bn averages the ten batches' unbiased variances
+    batch_vars = torch.stack([hidden[i:i + 20].var(0) for i in range(0, 200, 20)]).mean(0)
+    assert torch.allclose(norm.running_var, batch_vars, rtol=1e-4)
+    # averaged like the weights, the statistics keep the noise: variances several times larger
+    assert (averaged.encoder[1].running_var > 3 * batch_vars).all()
+
+
+def test_recomputing_the_statistics_leaves_the_training_run_as_it_was():
+    """The recomputation's train-mode passes (dropout included) draw nothing from the run's random
+    stream: the raw weights end the same with and without it."""
+    _, with_it, _ = fit_noisy_encoder(batch_norm_batches=10)
+    _, without, _ = fit_noisy_encoder(batch_norm_batches=0)
+    assert with_it._raw_at_end.keys() == without._raw_at_end.keys()
+    for name, value in with_it._raw_at_end.items():
+        assert torch.equal(value, without._raw_at_end[name]), name
