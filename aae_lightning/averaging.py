@@ -84,9 +84,14 @@ class EMAWeights(WeightAveraging):
         if isinstance(loader, dict):  # semi-supervised: {"all": every training image, "labeled": ...}
             loader = loader["all"]
         device = next(encoder.parameters()).device
-        # train-mode passes would draw dropout masks: the training run's random stream stays as it was
+        # a loader's iterator and train-mode passes (dropout) draw random numbers: the training run's
+        # random stream stays as it was
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), trainer.precision_plugin.forward_context():
-            update_bn(itertools.islice(loader, self.batch_norm_batches), encoder, device=device)
+            # batch norm cannot normalise a batch of one image (training refuses such batches in one line)
+            batches = [batch for batch in itertools.islice(loader, self.batch_norm_batches) if len(batch[0]) > 1]
+            if not batches:
+                return
+            update_bn(batches, encoder, device=device)
         self._statistics_fresh = True
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):

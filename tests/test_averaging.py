@@ -159,3 +159,11 @@ def test_recomputing_the_statistics_leaves_the_training_run_as_it_was():
     assert with_it._raw_at_end.keys() == without._raw_at_end.keys()
     for name, value in with_it._raw_at_end.items():
         assert torch.equal(value, without._raw_at_end[name]), name
+
+
+def test_recomputing_the_statistics_without_a_datamodule_says_what_to_do():
+    data = CleanImages()
+    trainer = L.Trainer(max_epochs=1, callbacks=[EMAWeights()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    with pytest.raises(ValueError, match="from the DataModule's training images: fit with a DataModule, or set batch_norm_batches: 0"):
+        trainer.fit(NoisyEncoderFit(), data.train_dataloader(), data.val_dataloader())
