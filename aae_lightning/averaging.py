@@ -8,6 +8,8 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from aae_lightning.callbacks import figure_rng
+
 
 def warmed_up_decay(decay: float, updates: torch.Tensor) -> torch.Tensor:
     """``min(decay, (1 + n) / (10 + n))`` after ``n`` updates: early in a run the average spans
@@ -83,15 +85,13 @@ class EMAWeights(WeightAveraging):
         loader = trainer.datamodule.train_dataloader()
         if isinstance(loader, dict):  # semi-supervised: {"all": every training image, "labeled": ...}
             loader = loader["all"]
-        device = next(encoder.parameters()).device
-        # a loader's iterator and train-mode passes (dropout) draw random numbers: the training run's
-        # random stream stays as it was
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), trainer.precision_plugin.forward_context():
+        # a loader's iterator and train-mode passes (dropout) draw random numbers from their own stream
+        with figure_rng(), trainer.precision_plugin.forward_context():
             # batch norm cannot normalise a batch of one image (training refuses such batches in one line)
             batches = [batch for batch in itertools.islice(loader, self.batch_norm_batches) if len(batch[0]) > 1]
             if not batches:
                 return
-            update_bn(batches, encoder, device=device)
+            update_bn(batches, encoder, device=next(encoder.parameters()).device)
         self._statistics_fresh = True
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
