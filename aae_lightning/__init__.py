@@ -13,7 +13,7 @@ from aae_lightning.predictions import PredictionWriter
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
 from aae_lightning.runs import RunSummary
 from aae_lightning.transforms import Deskew, ImageTransform
-from aae_lightning.terms import Balance, Consistency, HeadSeparation, InstanceContrast, InterpolationConsistency, MutualInformation, NeighbourAgreement, PairedMutualInformation, SelfLabelling, TrainingTerm
+from aae_lightning.terms import Balance, CategoryRecovery, Consistency, HeadSeparation, InstanceContrast, InterpolationConsistency, MutualInformation, NeighbourAgreement, PairedMutualInformation, SelfLabelling, TrainingTerm
 
 __all__ = [
     "AdversarialAutoencoder",
@@ -21,6 +21,7 @@ __all__ = [
     "Balance",
     "BestCheckpoint",
     "CategoricalPrior",
+    "CategoryRecovery",
     "ClusterGrid",
     "Consistency",
     "EMAWeights",

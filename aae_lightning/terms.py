@@ -216,6 +216,28 @@ class HeadSeparation(TrainingTerm):
         return F.relu(self.threshold - distance).sum()
 
 
+class CategoryRecovery(TrainingTerm):
+    """-log q(y = c | decode(c, z)) for draws c, z from the priors: the encoder must tell which
+    category an image was decoded from. The decoder is a category-conditional generator, so each
+    batch brings new images whose category is known (generative augmentation); with
+    ``train_decoder`` the decoder learns too to make the category visible (InfoGAN's mutual
+    information loss, Chen et al. 2016, with the AAE's decoder as the generator). It trains the
+    decoder or reads it, so it joins the reconstruction phase. One decoder and one encoder pass."""
+
+    phase = "reconstruction"
+
+    def __init__(self, train_decoder: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.train_decoder = train_decoder
+
+    def loss(self, model, x, codes):
+        draws = model.sample_prior(len(x))
+        with torch.set_grad_enabled(self.train_decoder and torch.is_grad_enabled()):
+            images = model.decode(draws).to(x.dtype)
+        q = model.encode(images)[self.code]
+        return F.nll_loss(torch.log(q + 1e-8), draws[self.code].argmax(1))
+
+
 class InstanceContrast(PerturbedTerm):
     """NT-Xent (SimCLR, Chen et al. 2020): each image's ``features`` (the named inferred codes,
     joined; default all of them) must lie nearer in cosine to its own perturbed copy's than to any

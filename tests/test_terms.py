@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Consistency, EMAWeights, GaussianPrior, InstanceContrast,
+from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, CategoryRecovery, Consistency, EMAWeights, GaussianPrior, InstanceContrast,
                            InterpolationConsistency, LatentCode, MutualInformation, NeighbourAgreement, PairedMutualInformation, RandomAffine, RandomElastic, RandomShift, SelfLabelling,
                            VirtualAdversarial)
 from aae_lightning.data import TensorBatches
@@ -278,6 +278,48 @@ def test_interpolation_consistency_trains_the_encoder_and_holds_its_targets_fixe
     term.loss(model, x, {"y": targets}).backward()
     assert targets.grad is None  # only the mixed images' codes learn
     assert InterpolationConsistency(targets="weight_average").needs_weight_average
+
+
+def test_category_recovery_is_the_cross_entropy_of_the_drawn_categories():
+    drawn = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]])
+    model = SimpleNamespace(sample_prior=lambda n: {"y": drawn, "z": torch.zeros(n, 2)},
+                            decode=lambda codes: codes["y"].view(-1, 1, 1, 3), encode=lambda images: {"y": recovered(images)})
+    term = CategoryRecovery(code="y")
+    x = torch.zeros(2, 1, 1, 3)
+
+    def recovered(images):  # reads the decoded category back from the image's pixels, with certainty
+        return images.flatten(1) * (1 - 2e-8) + 1e-8
+
+    assert term.loss(model, x, {}).abs() < 1e-6
+    model.encode = lambda images: {"y": recovered(images)[:, [1, 2, 0]]}  # a wrong category each
+    assert term.loss(model, x, {}).item() == pytest.approx(-math.log(2e-8), rel=1e-3)
+    model.encode = lambda images: {"y": torch.full((2, 3), 1 / 3)}
+    assert term.loss(model, x, {}).item() == pytest.approx(math.log(3), rel=1e-5)
+
+
+@pytest.mark.parametrize("train_decoder", [False, True])
+def test_category_recovery_teaches_the_encoder_and_the_decoder_only_when_asked(train_decoder):
+    torch.manual_seed(0)
+    term = CategoryRecovery(train_decoder=train_decoder)
+    model = model_with(term)
+    # a decoder that paints each of the four categories as its own pattern, the style adding less
+    model.decoder = torch.nn.Sequential(torch.nn.Linear(6, 784), torch.nn.Unflatten(1, (1, 28, 28)))
+    with torch.no_grad():
+        model.decoder[0].weight[:, :4] *= 5
+    optimizer = torch.optim.Adam([*model.encoder.parameters(), *model.decoder.parameters()], lr=1e-3)
+    x = square_batch(32)
+    decoder_before = [p.detach().clone() for p in model.decoder.parameters()]
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = term.loss(model, x, {})
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    decoder_moved = any(not torch.equal(a, b) for a, b in zip(decoder_before, model.decoder.parameters()))
+    assert decoder_moved == train_decoder
+    assert term.phase == "reconstruction"
 
 
 def test_a_term_joins_training_at_its_start_step():
