@@ -222,18 +222,23 @@ class CategoryRecovery(TrainingTerm):
     batch brings new images whose category is known (generative augmentation); with
     ``train_decoder`` the decoder learns too to make the category visible (InfoGAN's mutual
     information loss, Chen et al. 2016, with the AAE's decoder as the generator). It trains the
-    decoder or reads it, so it joins the reconstruction phase. One decoder and one encoder pass."""
+    decoder or reads it, so it joins the reconstruction phase. One decoder and one encoder pass.
+    A ``perturbation`` maps the drawn images before the encoder reads them: the decoder draws
+    typical images, the map adds the variety real ones have."""
 
     phase = "reconstruction"
 
-    def __init__(self, train_decoder: bool = False, **kwargs):
+    def __init__(self, train_decoder: bool = False, perturbation: Perturbation | None = None, **kwargs):
         super().__init__(**kwargs)
         self.train_decoder = train_decoder
+        self.perturbation = perturbation
 
     def loss(self, model, x, codes):
         draws = model.sample_prior(len(x))
         with torch.set_grad_enabled(self.train_decoder and torch.is_grad_enabled()):
             images = model.decode(draws).to(x.dtype)
+        if self.perturbation is not None:
+            images = self.perturbation(images, lambda v: model.encode(v)[self.code])
         q = model.encode(images)[self.code]
         return F.nll_loss(torch.log(q + 1e-8), draws[self.code].argmax(1))
 

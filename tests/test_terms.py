@@ -12,6 +12,7 @@ from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, Ca
                            InterpolationConsistency, LatentCode, MutualInformation, NeighbourAgreement, PairedMutualInformation, RandomAffine, RandomElastic, RandomShift, SelfLabelling,
                            VirtualAdversarial)
 from aae_lightning.data import TensorBatches
+from aae_lightning.perturbations import Perturbation
 
 
 def model_with(*terms, k=4):
@@ -295,6 +296,13 @@ def test_category_recovery_is_the_cross_entropy_of_the_drawn_categories():
     assert term.loss(model, x, {}).item() == pytest.approx(-math.log(2e-8), rel=1e-3)
     model.encode = lambda images: {"y": torch.full((2, 3), 1 / 3)}
     assert term.loss(model, x, {}).item() == pytest.approx(math.log(3), rel=1e-5)
+
+    class Roll(Perturbation):  # moves each drawn category's pixel to the next category's place
+        def __call__(self, x, predict=None):
+            return x.roll(1, -1)
+
+    model.encode = lambda images: {"y": recovered(images)}
+    assert CategoryRecovery(code="y", perturbation=Roll()).loss(model, x, {}).item() == pytest.approx(-math.log(2e-8), rel=1e-3)
 
 
 @pytest.mark.parametrize("train_decoder", [False, True])
