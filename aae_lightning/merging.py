@@ -8,18 +8,17 @@ cluster of an image and of its perturbed copy (the table IIC's term maximises th
 says which clusters to merge.
 """
 
+import itertools
+
 import lightning as L
-import numpy as np
 import torch
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import squareform
 
 from aae_lightning.callbacks import figure_rng
 from aae_lightning.metrics import ClusterMetrics
 from aae_lightning.perturbations import Perturbation, RandomAffine
 
 
-def merge_clusters(joint: torch.Tensor, num_groups: int) -> torch.Tensor:
+def merge_clusters(joint: torch.Tensor, num_groups: int, max_size: float | None = 1.5) -> torch.Tensor:
     """The group (0 .. num_groups - 1) of each of K clusters, from their K x K joint ``P(y, y')``
     over images and their perturbed copies: average-linkage agglomeration on the affinity
     ``P(a, b) / min(P(a), P(b))``, the share of the smaller cluster's images that go to the other.
@@ -28,7 +27,13 @@ def merge_clusters(joint: torch.Tensor, num_groups: int) -> torch.Tensor:
     ratio, and left such a cluster alone at the cost of a merge of two digits). A cluster
     holding less than a tenth of an equal share is left out of the agglomeration (nothing says
     where it belongs, and leaving it alone would cost a merge of two real ones) and joins the
-    group it trades most with."""
+    group it trades most with.
+
+    A merge that would give a group more than ``max_size`` times an equal share of the images
+    (``1 / num_groups``) waits until no other merge is left: two digits that look alike (7s and
+    9s) trade images under a small map too, and their group would hold two classes' worth, while
+    the training priors ask for clusters of equal size. None lets groups grow freely (classes of
+    very unequal sizes)."""
     k = joint.shape[0]
     if not 1 <= num_groups <= k:
         raise ValueError(f"MergedClusters: cannot merge {k} clusters into {num_groups}")
@@ -37,19 +42,19 @@ def merge_clusters(joint: torch.Tensor, num_groups: int) -> torch.Tensor:
     mass = joint.sum(1)
     large = mass >= 0.1 / k
     used = large.nonzero().squeeze(1)
+    affinity = joint / torch.minimum(mass[:, None], mass[None, :])
+    limit = float("inf") if max_size is None else max_size / num_groups
+    # kept in order of their first cluster, so the groups are numbered that way
+    members = [[c] for c in used.tolist()]
+    while len(members) > num_groups:
+        def preference(pair):
+            a, b = members[pair[0]], members[pair[1]]
+            return float(mass[a + b].sum()) <= limit, float(affinity[a][:, b].mean())
+        i, j = max(itertools.combinations(range(len(members)), 2), key=preference)
+        members[i] += members.pop(j)
     groups = torch.zeros(k, dtype=torch.long)
-    if len(used) > num_groups:
-        sub = joint[used][:, used]
-        affinity = (sub / torch.minimum(mass[used, None], mass[None, used])).numpy()
-        distance = affinity.max() - affinity
-        np.fill_diagonal(distance, 0)
-        labels = fcluster(linkage(squareform(distance, checks=False), method="average"), num_groups, criterion="maxclust")
-        # fcluster numbers groups from 1 in an order of its own; number them by first cluster instead
-        _, first = np.unique(labels, return_index=True)
-        order = {g: i for i, g in enumerate(labels[np.sort(first)])}
-        groups[used] = torch.tensor([order[g] for g in labels])
-    else:
-        groups[used] = torch.arange(len(used))
+    for g, clusters in enumerate(members):
+        groups[clusters] = g
     for c in (~large).nonzero().squeeze(1):
         groups[c] = groups[used[joint[c, used].argmax()]] if len(used) else 0
     return groups
@@ -69,10 +74,14 @@ class MergedClusters(L.Callback):
         perturbation: the copy the clusters trade images under, one that needs no gradient
             (``RandomAffine``, the default and the digit configs' consistency map, or ``RandomShift``).
         max_images: training images the joint is estimated on (2,000 are plenty for 16 clusters).
+        max_size: a group grows past this many times an equal share of the images only when no
+            other merge is left (:func:`merge_clusters`); None for classes of very unequal sizes.
     """
 
-    def __init__(self, num_clusters: int = 10, perturbation: Perturbation | None = None, max_images: int = 10000):
+    def __init__(self, num_clusters: int = 10, perturbation: Perturbation | None = None, max_images: int = 10000,
+                 max_size: float | None = 1.5):
         self.num_clusters = num_clusters
+        self.max_size = max_size
         self.perturbation = perturbation if perturbation is not None else RandomAffine()
         self.max_images = max_images
         self.groups: torch.Tensor | None = None
@@ -108,7 +117,7 @@ class MergedClusters(L.Callback):
                 probs = pl_module.encode(x)[code]
                 copies = pl_module.encode(self.perturbation(x, lambda v: pl_module.encode(v)[code]))[code]
                 joint = joint + probs.T @ copies
-        return merge_clusters(joint.float().cpu(), self.num_clusters).to(pl_module.device)
+        return merge_clusters(joint.float().cpu(), self.num_clusters, self.max_size).to(pl_module.device)
 
     def _update(self, trainer, pl_module, outputs, stage):
         if stage not in self.metrics:

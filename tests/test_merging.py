@@ -51,6 +51,23 @@ def test_an_empty_cluster_joins_a_group_instead_of_costing_a_merge():
     assert merge_clusters(joint, 4).tolist() == [0, 1, 2, 3, 3]
 
 
+def test_a_merge_past_the_size_limit_waits_until_no_other_is_left():
+    # a digit cut in two (clusters 0 and 1, a tenth each, trading a tenth of their images), two
+    # digits that look alike (2 and 3, a quarter each, trading a fifth of theirs) and one more (4).
+    # By share alone 2 and 3 merge first; their group would hold half the images, past 1.5 times
+    # an equal share of four groups (0.375), so the split digit is joined instead
+    joint = torch.tensor([[0.09, 0.01, 0.00, 0.00, 0.00],
+                          [0.01, 0.09, 0.00, 0.00, 0.00],
+                          [0.00, 0.00, 0.20, 0.05, 0.00],
+                          [0.00, 0.00, 0.05, 0.20, 0.00],
+                          [0.00, 0.00, 0.00, 0.00, 0.30]])
+    assert merge_clusters(joint, 4, max_size=None).tolist() == [0, 1, 2, 2, 3]
+    assert merge_clusters(joint, 4).tolist() == [0, 0, 1, 2, 3]
+    # at most an equal share of three groups, every merge past the split digit's is too large: the
+    # likeliest of them is taken
+    assert merge_clusters(joint, 3, max_size=1.0).tolist() == [0, 0, 1, 1, 2]
+
+
 def test_merge_clusters_rejects_more_groups_than_clusters():
     with pytest.raises(ValueError, match="cannot merge 4 clusters into 5"):
         merge_clusters(torch.eye(4), 5)
