@@ -46,10 +46,12 @@ def merge_clusters(joint: torch.Tensor, num_groups: int, max_size: float | None 
     limit = float("inf") if max_size is None else max_size / num_groups
     # kept in order of their first cluster, so the groups are numbered that way
     members = [[c] for c in used.tolist()]
+
+    def preference(pair):
+        a, b = members[pair[0]], members[pair[1]]
+        return float(mass[a + b].sum()) <= limit, float(affinity[a][:, b].mean())
+
     while len(members) > num_groups:
-        def preference(pair):
-            a, b = members[pair[0]], members[pair[1]]
-            return float(mass[a + b].sum()) <= limit, float(affinity[a][:, b].mean())
         i, j = max(itertools.combinations(range(len(members)), 2), key=preference)
         members[i] += members.pop(j)
     groups = torch.zeros(k, dtype=torch.long)
@@ -80,6 +82,8 @@ class MergedClusters(L.Callback):
 
     def __init__(self, num_clusters: int = 10, perturbation: Perturbation | None = None, max_images: int = 10000,
                  max_size: float | None = 1.5):
+        if max_size is not None and max_size <= 0:
+            raise ValueError(f"MergedClusters: max_size must be > 0 (times an equal share of the images) or null, got {max_size}")
         self.num_clusters = num_clusters
         self.max_size = max_size
         self.perturbation = perturbation if perturbation is not None else RandomAffine()

@@ -126,7 +126,7 @@ def test_merged_clusters_scores_classes_that_the_clusters_cut_in_two(tmp_path):
     assert len(rows) == 100 and all(len(g) == 1 for g in group_of.values()) and len(set.union(*group_of.values())) == 10, group_of
 
 
-def test_merged_clusters_needs_more_clusters_than_groups_and_a_datamodule(tmp_path):
+def test_merged_clusters_needs_more_clusters_than_groups_a_datamodule_and_a_positive_size_limit(tmp_path):
     data = MNISTDataModule(data_dir=str(write_idx_dataset(tmp_path / "templates", n_train=200, n_test=50)), val_size=50, download=False)
     model = AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(2))}, discriminator_hidden=(8,),
                                    figures_every_n_epochs=0)
@@ -138,3 +138,5 @@ def test_merged_clusters_needs_more_clusters_than_groups_and_a_datamodule(tmp_pa
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[MergedClusters(num_clusters=5)])
     with pytest.raises(ValueError, match="needs one of aae_lightning's DataModules"):
         trainer.validate(model, loader, verbose=False)
+    with pytest.raises(ValueError, match="max_size must be > 0"):
+        MergedClusters(max_size=0)
