@@ -5,13 +5,16 @@ and nothing in the training terms undoes that; with more clusters than classes e
 (MNIST sample: K = 10 accuracy 0.83, K = 16 purity 0.95). Clusters of one digit trade images under
 a small affine map far more often than clusters of two digits do, so the joint distribution of the
 cluster of an image and of its perturbed copy (the table IIC's term maximises the information of)
-says which clusters to merge.
+says which clusters to merge. Two look-alike digits trade images under such a map too (3s and 5s);
+the clusters of an image's nearest neighbours in the encoder's hidden layer are a second opinion,
+and the merge reads both.
 """
 
 import itertools
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from aae_lightning.callbacks import figure_rng
 from aae_lightning.metrics import ClusterMetrics
@@ -62,6 +65,22 @@ def merge_clusters(joint: torch.Tensor, num_groups: int, max_size: float | None 
     return groups
 
 
+def neighbour_joint(hidden: torch.Tensor, probs: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """The K x K joint of the cluster of an image and of its ``neighbours`` nearest other images
+    (cosine in ``hidden``): the sum over images of q(y|x) times the mean q(y'|n) of its neighbours,
+    in blocks of rows so that the N x N similarity is never held whole."""
+    features = F.normalize(hidden.float(), dim=1)
+    neighbours = min(neighbours, len(features) - 1)
+    joint = probs.new_zeros(probs.shape[1], probs.shape[1])
+    for start in range(0, len(features), 500):
+        rows = torch.arange(start, min(start + 500, len(features)), device=features.device)
+        similarity = features[rows] @ features.T
+        similarity[torch.arange(len(rows)), rows] = float("-inf")
+        nearest = similarity.topk(neighbours, dim=1).indices
+        joint += probs[rows].T @ probs[nearest].mean(1)
+    return joint
+
+
 class MergedClusters(L.Callback):
     """Logs ``{val,test}/merged/{purity,acc,nmi,...}``: the model's cluster code merged into
     ``num_clusters`` groups by :func:`merge_clusters`, scored like the clusters themselves.
@@ -78,14 +97,22 @@ class MergedClusters(L.Callback):
         max_images: training images the joint is estimated on (2,000 are plenty for 16 clusters).
         max_size: a group grows past this many times an equal share of the images only when no
             other merge is left (:func:`merge_clusters`); None for classes of very unequal sizes.
+        neighbours: the joint also counts how each image's cluster meets those of its this many
+            nearest training images in the encoder's last hidden layer (:func:`neighbour_joint`;
+            the features ``NeighbourAgreement`` trains with), each table as a distribution, so the
+            two signals weigh equally. Two digits can trade images under an affine map (3s and 5s)
+            and still sit apart among the neighbours. None: the perturbed copies alone.
     """
 
     def __init__(self, num_clusters: int = 10, perturbation: Perturbation | None = None, max_images: int = 10000,
-                 max_size: float | None = 1.5):
+                 max_size: float | None = 1.5, neighbours: int | None = 10):
         if max_size is not None and max_size <= 0:
             raise ValueError(f"MergedClusters: max_size must be > 0 (times an equal share of the images) or null, got {max_size}")
+        if neighbours is not None and neighbours < 1:
+            raise ValueError(f"MergedClusters: neighbours must be >= 1 or null, got {neighbours}")
         self.num_clusters = num_clusters
         self.max_size = max_size
+        self.neighbours = neighbours
         self.perturbation = perturbation if perturbation is not None else RandomAffine()
         self.max_images = max_images
         self.groups: torch.Tensor | None = None
@@ -114,14 +141,20 @@ class MergedClusters(L.Callback):
         datamodule.setup("fit")
         images = datamodule.splits["train"][0][: self.max_images]
         code = pl_module.cluster_code
-        joint = 0
+        joint, hidden, probs = 0, [], []
         with figure_rng():
             for x in images.split(500):
                 x = x.to(pl_module.device)
-                probs = pl_module.encode(x)[code]
+                features, codes = pl_module.encode_with_features(x)
                 copies = pl_module.encode(self.perturbation(x, lambda v: pl_module.encode(v)[code]))[code]
-                joint = joint + probs.T @ copies
-        return merge_clusters(joint.float().cpu(), self.num_clusters, self.max_size).to(pl_module.device)
+                joint = joint + codes[code].T @ copies
+                hidden.append(features)
+                probs.append(codes[code])
+        joint = joint.float()
+        if self.neighbours is not None:
+            neighbours = neighbour_joint(torch.cat(hidden), torch.cat(probs).float(), self.neighbours)
+            joint = joint / joint.sum() + neighbours / neighbours.sum()
+        return merge_clusters(joint.cpu(), self.num_clusters, self.max_size).to(pl_module.device)
 
     def _update(self, trainer, pl_module, outputs, stage):
         if stage not in self.metrics:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from aae_lightning import (AdversarialAutoencoder, CategoricalPrior, GaussianPrior, LatentCode, MergedClusters, MNISTDataModule,
                            PredictionWriter, RandomShift)
-from aae_lightning.merging import merge_clusters
+from aae_lightning.merging import merge_clusters, neighbour_joint
 from conftest import write_idx_dataset
 
 
@@ -66,6 +66,20 @@ def test_a_merge_past_the_size_limit_waits_until_no_other_is_left():
     # at most an equal share of three groups, every merge past the split digit's is too large: the
     # likeliest of them is taken
     assert merge_clusters(joint, 3, max_size=1.0).tolist() == [0, 0, 1, 1, 2]
+
+
+def test_neighbour_joint_pairs_each_image_s_cluster_with_its_nearest_images_clusters():
+    # images 0 and 1 lie together (clusters a and b), 2 and 3 together (both c), 4 a little
+    # nearer 2 than 3 (cluster a); each image's one nearest other image, in cosine
+    hidden = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.1, 1.0], [0.0, 1.0], [0.3, 1.0]])
+    probs = torch.eye(3)[[0, 1, 2, 2, 0]]
+    expected = torch.tensor([[0.0, 1.0, 1.0],
+                             [1.0, 0.0, 0.0],
+                             [0.0, 0.0, 2.0]])
+    assert torch.equal(neighbour_joint(hidden, probs, 1), expected)
+    # two neighbours each: the mean of their clusters; more than the other images asks for all of them
+    assert torch.allclose(neighbour_joint(hidden, probs, 2).sum(1), probs.sum(0))
+    assert torch.allclose(neighbour_joint(hidden, probs, 10), neighbour_joint(hidden, probs, 4))
 
 
 def test_merge_clusters_rejects_more_groups_than_clusters():
@@ -126,7 +140,7 @@ def test_merged_clusters_scores_classes_that_the_clusters_cut_in_two(tmp_path):
     assert len(rows) == 100 and all(len(g) == 1 for g in group_of.values()) and len(set.union(*group_of.values())) == 10, group_of
 
 
-def test_merged_clusters_needs_more_clusters_than_groups_a_datamodule_and_a_positive_size_limit(tmp_path):
+def test_merged_clusters_needs_more_clusters_than_groups_a_datamodule_a_positive_size_limit_and_neighbours(tmp_path):
     data = MNISTDataModule(data_dir=str(write_idx_dataset(tmp_path / "templates", n_train=200, n_test=50)), val_size=50, download=False)
     model = AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(2))}, discriminator_hidden=(8,),
                                    figures_every_n_epochs=0)
@@ -140,3 +154,5 @@ def test_merged_clusters_needs_more_clusters_than_groups_a_datamodule_and_a_posi
         trainer.validate(model, loader, verbose=False)
     with pytest.raises(ValueError, match="max_size must be > 0"):
         MergedClusters(max_size=0)
+    with pytest.raises(ValueError, match="neighbours must be >= 1 or null"):
+        MergedClusters(neighbours=0)
