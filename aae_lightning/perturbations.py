@@ -50,22 +50,42 @@ class RandomShift(Perturbation):
         return _warp(x, theta, "nearest")
 
 
+def _restroke(x: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """Each image's strokes thickened (``change`` > 0) or thinned (< 0) by blending it with its
+    3x3 grey-level dilation or erosion; ``change`` in [-1, 1], one per image."""
+    change = change.view(-1, 1, 1, 1)
+    thicker = F.max_pool2d(x, 3, stride=1, padding=1)
+    thinner = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    return x + change.clamp(min=0) * (thicker - x) + (-change).clamp(min=0) * (thinner - x)
+
+
 class RandomAffine(Perturbation):
     """Each image rotated by up to ``degrees``, scaled by a factor in ``scale``, sheared by up to
     ``shear`` degrees and shifted by up to ``max_shift`` pixels, all drawn per image (bilinear).
+    ``stroke`` > 0 also thickens or thins each image's strokes by a share drawn in [-stroke, stroke]
+    of a 3x3 dilation or erosion: pen width, which no affine map of the whole digit changes.
 
     On the GPU or CPU in one batched ``grid_sample``: torchvision's ``RandomAffine`` draws one map
     per call, so per-image maps would cost a Python loop per batch.
     """
 
-    def __init__(self, degrees: float = 15.0, scale: tuple[float, float] = (0.9, 1.1), shear: float = 0.0, max_shift: float = 3.0):
-        if degrees < 0 or shear < 0 or max_shift < 0 or not 0 < scale[0] <= scale[1]:
-            raise ValueError(f"RandomAffine: degrees, shear and max_shift must be >= 0 and 0 < scale[0] <= scale[1], "
-                             f"got degrees={degrees}, shear={shear}, max_shift={max_shift}, scale={scale}")
-        self.degrees, self.scale, self.shear, self.max_shift = degrees, tuple(scale), shear, max_shift
+    # the class default serves maps pickled (in a checkpoint's hyperparameters) before the setting existed
+    stroke = 0.0
+
+    def __init__(self, degrees: float = 15.0, scale: tuple[float, float] = (0.9, 1.1), shear: float = 0.0, max_shift: float = 3.0,
+                 stroke: float = 0.0):
+        if degrees < 0 or shear < 0 or max_shift < 0 or not 0 < scale[0] <= scale[1] or not 0 <= stroke <= 1:
+            raise ValueError(f"RandomAffine: degrees, shear and max_shift must be >= 0, 0 < scale[0] <= scale[1] and 0 <= stroke <= 1, "
+                             f"got degrees={degrees}, shear={shear}, max_shift={max_shift}, scale={scale}, stroke={stroke}")
+        self.degrees, self.scale, self.shear, self.max_shift, self.stroke = degrees, tuple(scale), shear, max_shift, stroke
 
     def __call__(self, x, predict=None):
-        return _warp(x, self.theta(x), "bilinear")
+        return self.restroke(_warp(x, self.theta(x), "bilinear"))
+
+    def restroke(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stroke == 0:
+            return x
+        return _restroke(x, torch.empty(len(x), device=x.device, dtype=x.dtype).uniform_(-self.stroke, self.stroke))
 
     def theta(self, x: torch.Tensor) -> torch.Tensor:
         """One affine map per image, as ``affine_grid``'s (N, 2, 3) matrices."""
@@ -95,8 +115,8 @@ class RandomElastic(RandomAffine):
     image is interpolated once."""
 
     def __init__(self, alpha: float = 34.0, sigma: float = 5.0, degrees: float = 15.0, scale: tuple[float, float] = (0.9, 1.1),
-                 shear: float = 0.0, max_shift: float = 3.0):
-        super().__init__(degrees, scale, shear, max_shift)
+                 shear: float = 0.0, max_shift: float = 3.0, stroke: float = 0.0):
+        super().__init__(degrees, scale, shear, max_shift, stroke)
         if alpha < 0 or sigma <= 0:
             raise ValueError(f"RandomElastic: alpha must be >= 0 and sigma > 0, got alpha={alpha}, sigma={sigma}")
         self.alpha, self.sigma = alpha, sigma
@@ -109,7 +129,7 @@ class RandomElastic(RandomAffine):
         field = gaussian_blur(noise, [kernel, kernel], [self.sigma, self.sigma]) * self.alpha
         # pixels to affine_grid's [-1, 1] coordinates, (x, y) last as the grid has them
         pixel = torch.tensor([2 / w, 2 / h], device=x.device, dtype=x.dtype)
-        return _warp(x, theta, "bilinear", field.permute(0, 2, 3, 1) * pixel)
+        return self.restroke(_warp(x, theta, "bilinear", field.permute(0, 2, 3, 1) * pixel))
 
 
 class VirtualAdversarial(Perturbation):

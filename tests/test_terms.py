@@ -380,6 +380,27 @@ def test_random_affine_is_the_identity_at_zero_range_and_rotates_otherwise():
     assert enlarged.sum() > 1.2 * bar.sum()
 
 
+def test_random_affine_stroke_thickens_or_thins_each_line_by_the_share_drawn():
+    line = torch.zeros(1, 1, 28, 28)
+    line[:, :, 8:20, 14] = 1.0  # a vertical stroke one pixel wide
+    no_affine = {"degrees": 0, "scale": (1, 1), "max_shift": 0}
+    torch.manual_seed(0)
+    copies = RandomAffine(stroke=1.0, **no_affine)(line.repeat(400, 1, 1, 1))[:, 0, 14]
+    centre, left, right = copies[:, 14], copies[:, 13], copies[:, 15]
+    # thickened by s: the stroke stays and its sides gain s; thinned by s: its 3x3 erosion is
+    # empty, so the stroke fades to 1 - s and the sides stay empty
+    # (the identity warp is bilinear: exact up to 1e-5)
+    thicker = left > 1e-3
+    assert torch.allclose(left, right, atol=1e-5) and torch.allclose(centre[thicker], torch.ones(1), atol=1e-5)
+    assert (left[~thicker] < 1e-5).all() and (centre[~thicker] < 1).all()
+    share = torch.where(thicker, left, centre - 1)
+    assert share.min() < -0.9 and share.max() > 0.9 and share.mean().abs() < 0.1
+    elastic = RandomElastic(alpha=0, stroke=1.0, **no_affine)(line.repeat(400, 1, 1, 1))[:, 0, 14]
+    assert (elastic[:, 13] > 1e-3).any() and (elastic[:, 14] < 0.99).any()
+    with pytest.raises(ValueError, match="0 <= stroke <= 1"):
+        RandomAffine(stroke=1.5)
+
+
 def test_random_elastic_displaces_pixels_smoothly_by_alpha():
     # on a ramp whose value is the column index, a bilinear warp returns where each pixel sampled
     # from, so the output minus the ramp is the horizontal displacement in pixels
