@@ -53,9 +53,10 @@ def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys)
     maps = [labels1000["model"]["init_args"]["supervised_perturbation"],
             labels1000["model"]["init_args"]["terms"][3]["init_args"]["perturbation"]]
     assert [m["class_path"] for m in maps] == ["aae_lightning.RandomAffine"] * 2
-    for m in maps:  # the elastic field's own settings on top of the affine map's
+    assert [m["init_args"]["stroke"] for m in maps] == [0.0, 0.0]
+    for m in maps:  # the elastic field's own settings on top of the affine map's, and the 100 labels' pen width
         m["class_path"] = "aae_lightning.RandomElastic"
-        m["init_args"].update({"alpha": 34.0, "sigma": 5.0})
+        m["init_args"].update({"alpha": 34.0, "sigma": 5.0, "stroke": 0.5})
     assert labels1000 == labels100
 
 
