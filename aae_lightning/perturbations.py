@@ -50,15 +50,6 @@ class RandomShift(Perturbation):
         return _warp(x, theta, "nearest")
 
 
-def _restroke(x: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
-    """Each image's strokes thickened (``change`` > 0) or thinned (< 0) by blending it with its
-    3x3 grey-level dilation or erosion; ``change`` in [-1, 1], one per image."""
-    change = change.view(-1, 1, 1, 1)
-    thicker = F.max_pool2d(x, 3, stride=1, padding=1)
-    thinner = -F.max_pool2d(-x, 3, stride=1, padding=1)
-    return x + change.clamp(min=0) * (thicker - x) + (-change).clamp(min=0) * (thinner - x)
-
-
 class RandomAffine(Perturbation):
     """Each image rotated by up to ``degrees``, scaled by a factor in ``scale``, sheared by up to
     ``shear`` degrees and shifted by up to ``max_shift`` pixels, all drawn per image (bilinear).
@@ -83,9 +74,14 @@ class RandomAffine(Perturbation):
         return self.restroke(_warp(x, self.theta(x), "bilinear"))
 
     def restroke(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image blended with its 3x3 grey-level dilation (thicker strokes) or erosion
+        (thinner) by its own share drawn in [-stroke, stroke]."""
         if self.stroke == 0:
             return x
-        return _restroke(x, torch.empty(len(x), device=x.device, dtype=x.dtype).uniform_(-self.stroke, self.stroke))
+        change = torch.empty(len(x), 1, 1, 1, device=x.device, dtype=x.dtype).uniform_(-self.stroke, self.stroke)
+        thicker = F.max_pool2d(x, 3, stride=1, padding=1)
+        thinner = -F.max_pool2d(-x, 3, stride=1, padding=1)
+        return x + change.clamp(min=0) * (thicker - x) + (-change).clamp(min=0) * (thinner - x)
 
     def theta(self, x: torch.Tensor) -> torch.Tensor:
         """One affine map per image, as ``affine_grid``'s (N, 2, 3) matrices."""
