@@ -68,7 +68,9 @@ def merge_clusters(joint: torch.Tensor, num_groups: int, max_size: float | None 
 def neighbour_joint(hidden: torch.Tensor, probs: torch.Tensor, neighbours: int) -> torch.Tensor:
     """The K x K joint of the cluster of an image and of its ``neighbours`` nearest other images
     (cosine in ``hidden``): the sum over images of q(y|x) times the mean q(y'|n) of its neighbours,
-    in blocks of rows so that the N x N similarity is never held whole."""
+    in blocks of rows so that the N x N similarity is never held whole. Needs two images or more."""
+    if len(hidden) < 2:
+        raise ValueError(f"neighbour_joint: an image needs another image to be its neighbour, got {len(hidden)} image(s)")
     features = F.normalize(hidden.float(), dim=1)
     neighbours = min(neighbours, len(features) - 1)
     joint = probs.new_zeros(probs.shape[1], probs.shape[1])
@@ -141,6 +143,8 @@ class MergedClusters(L.Callback):
         datamodule.setup("fit")
         images = datamodule.splits["train"][0][: self.max_images]
         code = pl_module.cluster_code
+        # a single image has no neighbour: the perturbed copy alone
+        use_neighbours = self.neighbours is not None and len(images) > 1
         joint, hidden, probs = 0, [], []
         with figure_rng():
             for x in images.split(500):
@@ -148,10 +152,11 @@ class MergedClusters(L.Callback):
                 features, codes = pl_module.encode_with_features(x)
                 copies = pl_module.encode(self.perturbation(x, lambda v: pl_module.encode(v)[code]))[code]
                 joint = joint + codes[code].T @ copies
-                hidden.append(features)
-                probs.append(codes[code])
+                if use_neighbours:
+                    hidden.append(features)
+                    probs.append(codes[code])
         joint = joint.float()
-        if self.neighbours is not None:
+        if use_neighbours:
             neighbours = neighbour_joint(torch.cat(hidden), torch.cat(probs).float(), self.neighbours)
             joint = joint / joint.sum() + neighbours / neighbours.sum()
         return merge_clusters(joint.cpu(), self.num_clusters, self.max_size).to(pl_module.device)

@@ -80,6 +80,9 @@ def test_neighbour_joint_pairs_each_image_s_cluster_with_its_nearest_images_clus
     # two neighbours each: the mean of their clusters; more than the other images asks for all of them
     assert torch.allclose(neighbour_joint(hidden, probs, 2).sum(1), probs.sum(0))
     assert torch.allclose(neighbour_joint(hidden, probs, 10), neighbour_joint(hidden, probs, 4))
+    # one image has no other to be its neighbour (the mean over none would be NaN)
+    with pytest.raises(ValueError, match="needs another image to be its neighbour, got 1 image"):
+        neighbour_joint(hidden[:1], probs[:1], 10)
 
 
 def test_merge_clusters_rejects_more_groups_than_clusters():
@@ -138,6 +141,9 @@ def test_merged_clusters_scores_classes_that_the_clusters_cut_in_two(tmp_path):
     for row in rows:
         group_of.setdefault(int(row["cluster"]) // 2, set()).add(int(row["merged_cluster"]))
     assert len(rows) == 100 and all(len(g) == 1 for g in group_of.values()) and len(set.union(*group_of.values())) == 10, group_of
+    # merged on one training image, which has no neighbour: the perturbed copy alone gives the groups
+    groups = MergedClusters(num_clusters=10, perturbation=RandomShift(max_shift=2), max_images=1).fit_groups(trainer, model)
+    assert groups.shape == (20,) and 0 <= groups.min() and groups.max() < 10
 
 
 def test_merged_clusters_needs_more_clusters_than_groups_a_datamodule_a_positive_size_limit_and_neighbours(tmp_path):
