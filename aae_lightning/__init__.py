@@ -12,7 +12,7 @@ from aae_lightning.perturbations import RandomAffine, RandomElastic, RandomShift
 from aae_lightning.predictions import PredictionWriter
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
 from aae_lightning.runs import RunSummary
-from aae_lightning.transforms import Deskew, ImageTransform
+from aae_lightning.transforms import Deskew, ImageTransform, PenWidth
 from aae_lightning.terms import Balance, CategoryRecovery, Consistency, HeadSeparation, InstanceContrast, InterpolationConsistency, MutualInformation, NeighbourAgreement, PairedMutualInformation, SelfLabelling, TrainingTerm
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "MNISTDataModule",
     "MutualInformation",
     "ParzenLikelihood",
+    "PenWidth",
     "PredictionWriter",
     "Prior",
     "PriorSamples",

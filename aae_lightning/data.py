@@ -142,9 +142,9 @@ class ImageDataModule(L.LightningDataModule):
             validation. Training batches are then {"all": (images, labels with -1 where hidden),
             "labeled": (images, labels)}, the small labelled set cycling beside the whole set.
         predict_split: the split ``predict`` encodes (``test``, ``val`` or ``train``).
-        transform: opt-in, beyond the paper: a deterministic transform applied once to every
-            split as it is loaded (e.g. :class:`~aae_lightning.Deskew`), so training, metrics,
-            figures and predictions all see the transformed images.
+        transform: opt-in, beyond the paper: a deterministic transform (or a list of them, applied
+            in order) applied once to every split as it is loaded (e.g. :class:`~aae_lightning.Deskew`),
+            so training, metrics, figures and predictions all see the transformed images.
     """
 
     name: str = ""
@@ -153,7 +153,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 100, val_size: int = 5000, seed: int = 0,
                  num_labeled: int | None = None, predict_split: Literal["train", "val", "test"] = "test",
-                 transform: ImageTransform | None = None):
+                 transform: ImageTransform | list[ImageTransform] | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"{type(self).__name__}: batch_size must be >= 1, got {batch_size}")
@@ -188,7 +188,10 @@ class ImageDataModule(L.LightningDataModule):
                 f"and N labels, got images {tuple(images.shape)} and {len(labels)} labels"
             )
         images = torch.from_numpy(images.astype(np.float32) / 255.0)
-        return images if self.transform is None else self.transform(images), torch.from_numpy(labels.astype(np.int64))
+        if self.transform is not None:
+            for transform in self.transform if isinstance(self.transform, list) else [self.transform]:
+                images = transform(images)
+        return images, torch.from_numpy(labels.astype(np.int64))
 
     def prepare_data(self):
         # Only where files are missing and downloading is allowed; runs on one process per node.

@@ -55,3 +55,50 @@ class Deskew(ImageTransform):
         theta[:, 0, 1], theta[:, 0, 2] = shear, -shear * my_normalised
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0, 1)
+
+
+class PenWidth(ImageTransform):
+    """Brings each image's strokes to one pen width: blends the image with its 3x3 grey-level
+    dilation (thicker) or erosion (thinner) by the share at which the width of its ink,
+    ``2 x ink / edge length`` (the ink's area over half its outline, the outline measured as the
+    image's total variation), is ``width`` pixels. Like slant, the pen is the writer's, not the
+    digit's: clusters gathered bold digits of several classes (docs/experiments.md, "Pen width at
+    load"). ``steps`` halvings of the share's range [-1, 1] find it (a precision of 2 / 2^steps);
+    ``batch_size`` as in :class:`Deskew`."""
+
+    def __init__(self, width: float = 2.5, steps: int = 10, batch_size: int = 4096):
+        if width <= 0:
+            raise ValueError(f"PenWidth: width must be > 0 pixels, got {width}")
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"PenWidth: steps and batch_size must be >= 1, got {steps} and {batch_size}")
+        self.width = width
+        self.steps = steps
+        self.batch_size = batch_size
+
+    @staticmethod
+    def measure(images: torch.Tensor) -> torch.Tensor:
+        """The pen width in pixels of each image's ink (channels averaged): 2 x its sum over its
+        total variation."""
+        ink = images.mean(1)
+        dx = F.pad(ink[:, :, 1:] - ink[:, :, :-1], (0, 1))
+        dy = F.pad(ink[:, 1:] - ink[:, :-1], (0, 0, 0, 1))
+        return 2 * ink.sum((1, 2)) / (dx**2 + dy**2).sqrt().sum((1, 2)).clamp_min(1e-8)
+
+    def __call__(self, images):
+        return torch.cat([self._rewidth(chunk) for chunk in images.split(self.batch_size)]) if len(images) else images
+
+    def _rewidth(self, images: torch.Tensor) -> torch.Tensor:
+        thicker = F.max_pool2d(images, 3, stride=1, padding=1) - images
+        thinner = -F.max_pool2d(-images, 3, stride=1, padding=1) - images
+
+        def blend(share):
+            share = share[:, None, None, None]
+            return images + share.clamp(min=0) * thicker + (-share).clamp(min=0) * thinner
+
+        # the width grows with the share: keep the half of the range that holds the target
+        low, high = -images.new_ones(len(images)), images.new_ones(len(images))
+        for _ in range(self.steps):
+            middle = (low + high) / 2
+            too_wide = self.measure(blend(middle)) > self.width
+            low, high = torch.where(too_wide, low, middle), torch.where(too_wide, middle, high)
+        return blend((low + high) / 2)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import yaml
 
-from aae_lightning import Deskew, MNISTDataModule
+from aae_lightning import Deskew, MNISTDataModule, PenWidth
 from aae_lightning.cli import cli_main
 from conftest import CONFIGS
 
@@ -38,14 +38,41 @@ def test_deskew_rejects_an_empty_chunk_size():
         Deskew(batch_size=0)
 
 
+def test_pen_width_thickens_thin_strokes_and_thins_bold_ones():
+    # upright bars 16 rows long, 1, 3 and 5 pixels wide, and a blank image
+    images = torch.zeros(4, 1, 28, 28)
+    for i, width in enumerate((1, 3, 5)):
+        images[i, 0, 6:22, 14 - width // 2: 15 + width // 2] = 1.0
+    widths = PenWidth.measure(images)
+    # ink over half the outline: about 16 w / (16 + w), short of w by the bar's two ends
+    assert torch.allclose(widths[:3], torch.tensor([16 / 17, 48 / 19, 80 / 21]), atol=0.06) and widths[3] == 0
+    rewidthed = PenWidth(width=2.5)(images)
+    assert torch.allclose(PenWidth.measure(rewidthed[:3]), torch.tensor(2.5), atol=0.03)
+    # the thin bar keeps its line and gains grey sides; the bold one loses ink from its sides; the
+    # 3-pixel bar, about 2.5 wide already, hardly changes; nothing is drawn on the blank image
+    assert torch.equal(rewidthed[0, 0, 6:22, 14], images[0, 0, 6:22, 14]) and rewidthed[0].sum() > 2 * images[0].sum()
+    assert rewidthed[2].sum() < 0.8 * images[2].sum() and torch.equal(rewidthed[2, 0, 8:20, 13:16], images[2, 0, 8:20, 13:16])
+    assert (rewidthed[1] - images[1]).abs().sum() < 0.05 * images[1].sum()
+    assert not rewidthed[3].any() and rewidthed.min() >= 0 and rewidthed.max() <= 1
+    assert torch.allclose(PenWidth(width=2.5, batch_size=3)(images), rewidthed)
+
+
+def test_pen_width_rejects_a_width_that_is_not_positive():
+    with pytest.raises(ValueError, match="PenWidth: width must be > 0 pixels, got 0"):
+        PenWidth(width=0)
+
+
 def test_a_datamodule_transform_reaches_every_split(mnist_dir):
     plain = MNISTDataModule(data_dir=str(mnist_dir), download=False, val_size=100)
     deskewed = MNISTDataModule(data_dir=str(mnist_dir), download=False, val_size=100, transform=Deskew())
-    for dm in (plain, deskewed):
+    # a list applies its transforms in order
+    chained = MNISTDataModule(data_dir=str(mnist_dir), download=False, val_size=100, transform=[Deskew(), PenWidth()])
+    for dm in (plain, deskewed, chained):
         dm.setup("fit")
         dm.setup("test")
     for split in ("train", "val", "test"):
         assert torch.equal(deskewed.splits[split][0], Deskew()(plain.splits[split][0]))
+        assert torch.equal(chained.splits[split][0], PenWidth()(Deskew()(plain.splits[split][0])))
         assert torch.equal(deskewed.splits[split][1], plain.splits[split][1])
 
 
