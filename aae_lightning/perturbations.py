@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 from aae_lightning.settings import SettingsRepr
+from aae_lightning.transforms import pen_blend
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
@@ -78,10 +79,7 @@ class RandomAffine(Perturbation):
         (thinner) by its own share drawn in [-stroke, stroke]."""
         if self.stroke == 0:
             return x
-        change = torch.empty(len(x), 1, 1, 1, device=x.device, dtype=x.dtype).uniform_(-self.stroke, self.stroke)
-        thicker = F.max_pool2d(x, 3, stride=1, padding=1)
-        thinner = -F.max_pool2d(-x, 3, stride=1, padding=1)
-        return x + change.clamp(min=0) * (thicker - x) + (-change).clamp(min=0) * (thinner - x)
+        return pen_blend(x, torch.empty(len(x), device=x.device, dtype=x.dtype).uniform_(-self.stroke, self.stroke))
 
     def theta(self, x: torch.Tensor) -> torch.Tensor:
         """One affine map per image, as ``affine_grid``'s (N, 2, 3) matrices."""

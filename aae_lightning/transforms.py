@@ -8,6 +8,16 @@ import torch.nn.functional as F
 from aae_lightning.settings import SettingsRepr
 
 
+def pen_blend(images: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """Each image blended with its 3x3 grey-level dilation (a thicker pen) by its ``share`` where
+    that is above 0, with its erosion (a thinner pen) by ``-share`` where below: shares in [-1, 1],
+    one per image, shape (N,)."""
+    share = share.view(-1, 1, 1, 1)
+    thicker = F.max_pool2d(images, 3, stride=1, padding=1)
+    thinner = -F.max_pool2d(-images, 3, stride=1, padding=1)
+    return images + share.clamp(min=0) * (thicker - images) + (-share).clamp(min=0) * (thinner - images)
+
+
 class ImageTransform(SettingsRepr):
     """Maps a float image batch (N, C, H, W) in [0, 1] to another of the same shape."""
 
@@ -61,7 +71,7 @@ class PenWidth(ImageTransform):
     """Brings each image's strokes to one pen width: blends the image with its 3x3 grey-level
     dilation (thicker) or erosion (thinner) by the share at which the width of its ink,
     ``2 x ink / edge length`` (the ink's area over half its outline, the outline measured as the
-    image's total variation), is ``width`` pixels. Like slant, the pen is the writer's, not the
+    image's total variation), is ``width`` pixels (:func:`pen_blend`). Like slant, the pen is the writer's, not the
     digit's: clusters gathered bold digits of several classes (docs/experiments.md, "Pen width at
     load"). ``steps`` halvings of the share's range [-1, 1] find it (a precision of 2 / 2^steps);
     ``batch_size`` as in :class:`Deskew`."""
@@ -88,17 +98,10 @@ class PenWidth(ImageTransform):
         return torch.cat([self._rewidth(chunk) for chunk in images.split(self.batch_size)]) if len(images) else images
 
     def _rewidth(self, images: torch.Tensor) -> torch.Tensor:
-        thicker = F.max_pool2d(images, 3, stride=1, padding=1) - images
-        thinner = -F.max_pool2d(-images, 3, stride=1, padding=1) - images
-
-        def blend(share):
-            share = share[:, None, None, None]
-            return images + share.clamp(min=0) * thicker + (-share).clamp(min=0) * thinner
-
         # the width grows with the share: keep the half of the range that holds the target
         low, high = -images.new_ones(len(images)), images.new_ones(len(images))
         for _ in range(self.steps):
             middle = (low + high) / 2
-            too_wide = self.measure(blend(middle)) > self.width
+            too_wide = self.measure(pen_blend(images, middle)) > self.width
             low, high = torch.where(too_wide, low, middle), torch.where(too_wide, middle, high)
-        return blend((low + high) / 2)
+        return pen_blend(images, (low + high) / 2)
