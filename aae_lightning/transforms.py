@@ -19,9 +19,19 @@ def pen_blend(images: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
 
 
 class ImageTransform(SettingsRepr):
-    """Maps a float image batch (N, C, H, W) in [0, 1] to another of the same shape."""
+    """Maps a float image batch (N, C, H, W) in [0, 1] to another of the same shape, ``batch_size``
+    images at a time (:meth:`transform_chunk`), so that a 60,000-image split needs no second copy
+    of itself in memory."""
+
+    def __init__(self, batch_size: int = 4096):
+        if batch_size < 1:
+            raise ValueError(f"{type(self).__name__}: batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.transform_chunk(chunk) for chunk in images.split(self.batch_size)]) if len(images) else images
+
+    def transform_chunk(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -31,12 +41,7 @@ class Deskew(ImageTransform):
     lowers the error of most classifiers there). Slant is the writer's, not the digit's, and the
     clusterings cut digits by it (a K = 10 run held 4s and 9s in two clusters, one leaning left by
     about 0.2, the other right by as much: docs/experiments.md, "Deskewed digits"). ``batch_size``: images per batched
-    ``grid_sample``, so that a 60,000-image split needs no second copy of itself in memory."""
-
-    def __init__(self, batch_size: int = 4096):
-        if batch_size < 1:
-            raise ValueError(f"Deskew: batch_size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
+    ``grid_sample`` (:class:`ImageTransform`)."""
 
     @staticmethod
     def slant(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +55,7 @@ class Deskew(ImageTransform):
         dy, dx = rows - my[:, None, None], cols - mx[:, None, None]
         return (ink * dx * dy).sum((1, 2)) / (ink * dy * dy).sum((1, 2)).clamp_min(1e-8), my
 
-    def __call__(self, images):
-        return torch.cat([self._deskew(chunk) for chunk in images.split(self.batch_size)]) if len(images) else images
-
-    def _deskew(self, images: torch.Tensor) -> torch.Tensor:
+    def transform_chunk(self, images: torch.Tensor) -> torch.Tensor:
         n, _, h, w = images.shape
         a, my = self.slant(images)
         # the output pixel (x', y) samples the input at x = x' + a (y - m_y), in affine_grid's
@@ -74,16 +76,16 @@ class PenWidth(ImageTransform):
     image's total variation), is ``width`` pixels (:func:`pen_blend`). Like slant, the pen is the writer's, not the
     digit's: clusters gathered bold digits of several classes (docs/experiments.md, "Pen width at
     load"). ``steps`` halvings of the share's range [-1, 1] find it (a precision of 2 / 2^steps);
-    ``batch_size`` as in :class:`Deskew`."""
+    ``batch_size`` as in :class:`ImageTransform`."""
 
     def __init__(self, width: float = 2.5, steps: int = 10, batch_size: int = 4096):
         if width <= 0:
             raise ValueError(f"PenWidth: width must be > 0 pixels, got {width}")
-        if steps < 1 or batch_size < 1:
-            raise ValueError(f"PenWidth: steps and batch_size must be >= 1, got {steps} and {batch_size}")
+        if steps < 1:
+            raise ValueError(f"PenWidth: steps must be >= 1, got {steps}")
         self.width = width
         self.steps = steps
-        self.batch_size = batch_size
+        super().__init__(batch_size)
 
     @staticmethod
     def measure(images: torch.Tensor) -> torch.Tensor:
@@ -94,10 +96,7 @@ class PenWidth(ImageTransform):
         dy = F.pad(ink[:, 1:] - ink[:, :-1], (0, 0, 0, 1))
         return 2 * ink.sum((1, 2)) / (dx**2 + dy**2).sqrt().sum((1, 2)).clamp_min(1e-8)
 
-    def __call__(self, images):
-        return torch.cat([self._rewidth(chunk) for chunk in images.split(self.batch_size)]) if len(images) else images
-
-    def _rewidth(self, images: torch.Tensor) -> torch.Tensor:
+    def transform_chunk(self, images: torch.Tensor) -> torch.Tensor:
         # the width grows with the share: keep the half of the range that holds the target
         low, high = -images.new_ones(len(images)), images.new_ones(len(images))
         for _ in range(self.steps):
