@@ -8,6 +8,8 @@ from contextlib import contextmanager
 
 import wandb
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -88,6 +90,11 @@ class AAECLI(LightningCLI):
             rank_zero_info(f"precision: {precision}, as {why} (--trainer.precision=32-true or bf16-mixed forces either)")
         else:
             rank_zero_info(f"precision: {config['precision']}, as the config asks")
+        if config.get("enable_checkpointing") is False:
+            # the run defaults' checkpoint callbacks would make Lightning refuse the flag
+            callbacks = config.get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            kwargs["callbacks"] = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
         trainer = super().instantiate_trainer(**kwargs)
         keep_checkpoints_local_offline(trainer.loggers)
         drop_deprecated_wandb_settings(trainer.loggers)
@@ -148,10 +155,11 @@ def root_cause(err: BaseException) -> BaseException:
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Bad input (a wrong config value, a missing or corrupt file or checkpoint, a NaN loss) ends
-    the process with its one-line message on stderr and exit status 2, not a traceback."""
+    the process with its one-line message on stderr and exit status 2, not a traceback. Lightning's
+    MisconfigurationException is its bad input: trainer settings this machine or run cannot take."""
     try:
         yield
-    except (DataError, NonFiniteLossError, CheckpointError, ValueError) as err:
+    except (DataError, NonFiniteLossError, CheckpointError, ValueError, MisconfigurationException) as err:
         print(f"error: {root_cause(err)}", file=sys.stderr)
         sys.exit(2)
 

@@ -137,6 +137,26 @@ def test_missing_data_ends_in_one_line_naming_the_files(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: MNIST files not found") and "train-images-idx3-ubyte" in err[0]
 
 
+def test_no_checkpoints_flag_alone_turns_off_the_run_defaults_checkpoints(mnist_dir, tmp_path, monkeypatch):
+    """``--trainer.enable_checkpointing=false`` is honoured as it is: the run defaults' checkpoint
+    callbacks, which Lightning would refuse beside it, leave; the others stay."""
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--config", str(CONFIGS / "clustering.yaml"), f"--data.data_dir={mnist_dir}", *TINY,
+                    "--trainer.logger=false", "--trainer.enable_checkpointing=false"])
+    assert cli.trainer.checkpoint_callbacks == [] and cli.trainer.current_epoch == 1
+    assert {"InterruptCheckpoint", "EMAWeights"} <= {type(cb).__name__ for cb in cli.trainer.callbacks}
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_trainer_settings_the_machine_cannot_take_end_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS / "clustering.yaml"), "--config", str(CONFIGS / "trainer" / "gpu.yaml")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: No supported gpu backend found!"]
+
+
 def test_clustering_run_records_metrics_and_images_in_wandb(mnist_dir, offline_wandb, capsys):
     config = str(CONFIGS / "clustering.yaml")
     cli_main(["fit", "--config", config, f"--data.data_dir={mnist_dir}", *TINY])
