@@ -91,7 +91,8 @@ class AAECLI(LightningCLI):
         else:
             rank_zero_info(f"precision: {config['precision']}, as the config asks")
         if config.get("enable_checkpointing") is False:
-            # the run defaults' checkpoint callbacks would make Lightning refuse the flag
+            # no checkpoints means none: the ModelCheckpoints (the run defaults' among them), which
+            # Lightning refuses beside the flag, leave; InterruptCheckpoint then saves nothing either
             callbacks = config.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             kwargs["callbacks"] = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
