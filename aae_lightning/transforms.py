@@ -8,14 +8,20 @@ import torch.nn.functional as F
 from aae_lightning.settings import SettingsRepr
 
 
-def pen_blend(images: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+def pen_changes(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a thicker and a thinner pen change: each image's 3x3 grey-level dilation and erosion,
+    less the image."""
+    return F.max_pool2d(images, 3, stride=1, padding=1) - images, -F.max_pool2d(-images, 3, stride=1, padding=1) - images
+
+
+def pen_blend(images: torch.Tensor, share: torch.Tensor, changes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Each image blended with its 3x3 grey-level dilation (a thicker pen) by its ``share`` where
     that is above 0, with its erosion (a thinner pen) by ``-share`` where below: shares in [-1, 1],
-    one per image, shape (N,)."""
+    one per image, shape (N,). ``changes``: the images' :func:`pen_changes`, for a caller that
+    blends the same images more than once."""
+    thicker, thinner = pen_changes(images) if changes is None else changes
     share = share.view(-1, 1, 1, 1)
-    thicker = F.max_pool2d(images, 3, stride=1, padding=1)
-    thinner = -F.max_pool2d(-images, 3, stride=1, padding=1)
-    return images + share.clamp(min=0) * (thicker - images) + (-share).clamp(min=0) * (thinner - images)
+    return images + share.clamp(min=0) * thicker + (-share).clamp(min=0) * thinner
 
 
 class ImageTransform(SettingsRepr):
@@ -99,8 +105,9 @@ class PenWidth(ImageTransform):
     def transform_chunk(self, images: torch.Tensor) -> torch.Tensor:
         # the width grows with the share: keep the half of the range that holds the target
         low, high = -images.new_ones(len(images)), images.new_ones(len(images))
+        changes = pen_changes(images)
         for _ in range(self.steps):
             middle = (low + high) / 2
-            too_wide = self.measure(pen_blend(images, middle)) > self.width
+            too_wide = self.measure(pen_blend(images, middle, changes)) > self.width
             low, high = torch.where(too_wide, low, middle), torch.where(too_wide, middle, high)
-        return pen_blend(images, (low + high) / 2)
+        return pen_blend(images, (low + high) / 2, changes)
