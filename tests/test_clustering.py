@@ -3,7 +3,7 @@
 import pytest
 
 from aae_lightning.cli import cli_main
-from conftest import CONFIGS, ONLY_THE_WEIGHT_AVERAGE, write_idx_dataset
+from conftest import BLOBS_NOT_STROKES, CONFIGS, ONLY_THE_WEIGHT_AVERAGE, write_idx_dataset
 
 QUIET = ["--data.download=false", "--data.val_size=500", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
          *ONLY_THE_WEIGHT_AVERAGE, "--trainer.enable_checkpointing=false", "--model.init_args.figures_every_n_epochs=0"]
@@ -24,10 +24,8 @@ def shifted_templates_dir(tmp_path_factory):
 
 
 def fit(data_dir, *args):
-    # these blobs are not pen strokes: the config's PenWidth, a handwriting normalisation, is left
-    # out, as for clothes (the benchmark drops the digit transforms there)
     cli = cli_main(["--config", str(CONFIGS / "clustering.yaml"), f"--data.data_dir={data_dir}", "--trainer.max_epochs=12",
-                    "--data.init_args.transform=aae_lightning.Deskew", *QUIET, *args], run=False)
+                    *BLOBS_NOT_STROKES, *QUIET, *args], run=False)
     cli.trainer.fit(cli.model, cli.datamodule)
     return cli
 
