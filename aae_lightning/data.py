@@ -121,7 +121,8 @@ class TensorBatches:
 
     def __iter__(self):
         self._start_pass()
-        order = self._order()[self.rank :: self.world_size][: self._num_samples()]
+        # on the tensors' device: a gather there needs no index copied from the host each batch
+        order = self._order()[self.rank :: self.world_size][: self._num_samples()].to(self.tensors[0].device)
         for i in range(self.position, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             self.position = i + 1
@@ -145,6 +146,9 @@ class ImageDataModule(L.LightningDataModule):
         transform: opt-in, beyond the paper: a deterministic transform (or a list of them, applied
             in order) applied once to every split as it is loaded (e.g. :class:`~aae_lightning.Deskew`),
             so training, metrics, figures and predictions all see the transformed images.
+        on_device: keep every split in the memory of the device the trainer trains on (a GPU), so
+            that a batch is a gather there rather than a copy from the host each step. The splits
+            must fit (MNIST's 70,000 images take 0.2 GB); without a trainer, or on a CPU, it changes nothing.
     """
 
     name: str = ""
@@ -153,7 +157,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 100, val_size: int = 5000, seed: int = 0,
                  num_labeled: int | None = None, predict_split: Literal["train", "val", "test"] = "test",
-                 transform: ImageTransform | list[ImageTransform] | None = None):
+                 transform: ImageTransform | list[ImageTransform] | None = None, on_device: bool = False):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"{type(self).__name__}: batch_size must be >= 1, got {batch_size}")
@@ -170,6 +174,7 @@ class ImageDataModule(L.LightningDataModule):
         self.num_labeled = num_labeled
         self.predict_split = predict_split
         self.transform = transform
+        self.on_device = on_device
         # checkpoints keep the settings, the transform among them, so that the images a model was
         # trained on load again as they were: MNISTDataModule.load_from_checkpoint(path, data_dir=...)
         self.save_hyperparameters(logger=False)
@@ -213,6 +218,9 @@ class ImageDataModule(L.LightningDataModule):
         if wanted == "test" and "test" not in self.splits:
             self.splits["test"] = self._to_tensors(*self.load_split(train=False))
             self.source_index["test"] = torch.arange(len(self.splits["test"][0]))
+        if self.on_device and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+            self.splits = {name: tuple(t.to(device) for t in tensors) for name, tensors in self.splits.items()}
 
     def example_names(self, split: str) -> list[str] | None:
         """Names (e.g. file names) of the rows of the file ``split`` was read from, by position in
@@ -246,7 +254,8 @@ class ImageDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         batch_size = max(1, min(self.batch_size, len(self.splits[split][0]) // world))
-        tensors = (*self.splits[split], self.source_index[split]) if predict else self.splits[split]
+        images, labels = self.splits[split]
+        tensors = (images, labels, self.source_index[split].to(images.device)) if predict else (images, labels)
         current_epoch = (lambda: trainer.current_epoch) if trainer is not None else None
         return TensorBatches(tensors, batch_size, shuffle, self.seed, drop_last=shuffle, rank=rank, world_size=world, equal_shards=not predict,
                              current_epoch=current_epoch)

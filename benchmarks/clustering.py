@@ -87,7 +87,8 @@ def cluster_class_counts(model, datamodule) -> list[list[int]]:
     """counts[k][c]: test images of class c in cluster k (the argmax of the cluster code)."""
     images, labels = datamodule.splits["test"][:2]
     probs = encode_split(model, images, labels)[f"code/{model.cluster_code}"]
-    return contingency_from_labels(probs.argmax(1).numpy(), labels.numpy(), probs.shape[1], datamodule.num_classes).tolist()
+    # the labels sit on the GPU where the DataModule keeps its splits there (on_device)
+    return contingency_from_labels(probs.argmax(1).numpy(), labels.cpu().numpy(), probs.shape[1], datamodule.num_classes).tolist()
 
 
 def mixed_clusters(counts: list[list[int]], share: float = 0.2) -> str:

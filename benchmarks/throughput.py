@@ -12,7 +12,11 @@ as Lightning runs it; the DataLoader loop only in fp32, where it measures the da
 samples/s, the ratios, and the achieved GFLOP/s (from the nets' FLOPs) against the rate
 ``torch.mm`` reaches at the same matrix sizes on this machine.
 
+``--device cuda`` runs all three on the GPU: ours with the data resident there (the DataModule's
+``on_device``), the in-memory loop likewise, the DataLoader loop copying each batch from pinned memory.
+
     python benchmarks/throughput.py --data-dir /usr/share/datasets/fashion-mnist --batch-size 100
+    python benchmarks/throughput.py --device cuda --batch-size 100 1000
 """
 
 import argparse
@@ -52,10 +56,11 @@ def flops_per_sample(enc: int, dec: int, disc: int) -> int:
 class PlainAAE:
     """The module's training step without Lightning: same nets, losses and optimizers."""
 
-    def __init__(self, lr=2e-4, betas=(0.5, 0.999), precision: str = "32"):
-        self.encoder = MLPEncoder((1, 28, 28), K + STYLE, HIDDEN)
-        self.decoder = MLPDecoder(K + STYLE, (1, 28, 28), HIDDEN)
-        self.d_y, self.d_z = Discriminator(K, HIDDEN), Discriminator(STYLE, HIDDEN)
+    def __init__(self, lr=2e-4, betas=(0.5, 0.999), precision: str = "32", device: str = "cpu"):
+        self.device = torch.device(device)
+        self.encoder = MLPEncoder((1, 28, 28), K + STYLE, HIDDEN).to(device)
+        self.decoder = MLPDecoder(K + STYLE, (1, 28, 28), HIDDEN).to(device)
+        self.d_y, self.d_z = Discriminator(K, HIDDEN).to(device), Discriminator(STYLE, HIDDEN).to(device)
         enc = list(self.encoder.parameters())
         # fused under bf16, as the module's: the ratio measures what Lightning and our module add
         fused = precision == "bf16-mixed"
@@ -76,8 +81,8 @@ class PlainAAE:
 
         y, z = self.encode(x)
         n = len(x)
-        real_y = F.one_hot(torch.randint(K, (n,)), K).float()
-        real_z = torch.randn(n, STYLE)
+        real_y = F.one_hot(torch.randint(K, (n,), device=self.device), K).float()
+        real_z = torch.randn(n, STYLE, device=self.device)
         d_loss = 0
         for disc, real, fake in ((self.d_y, real_y, y.detach()), (self.d_z, real_z, z.detach())):
             r, f = disc(real), disc(fake)
@@ -99,50 +104,62 @@ class PlainAAE:
         self.opt_g.step()
 
 
-def time_loop(batches, steps: int, warmup: int, precision: str = "32") -> float:
-    model = PlainAAE(precision=precision)
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so that a clock read counts it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_loop(batches, steps: int, warmup: int, precision: str = "32", device: str = "cpu") -> float:
+    model = PlainAAE(precision=precision, device=device)
     start = None
     for i, (x, _) in enumerate(batches):
         if i == warmup:
+            synchronize(device)
             start = time.perf_counter()
         if i == warmup + steps:
             break
         # no cast cache: the optimizers change the weights between the step's phases, and a cache
         # would hand the later phases bf16 copies of the weights from before (Lightning turns it off too)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed", cache_enabled=False):
-            model.step(x)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed", cache_enabled=False):
+            model.step(x.to(device, non_blocking=True))
+    synchronize(device)
     return steps / (time.perf_counter() - start)
 
 
-def dataloader_batches(root: Path, batch_size: int):
+def dataloader_batches(root: Path, batch_size: int, device: str):
     dataset = torchvision.datasets.FashionMNIST(root, train=True, transform=torchvision.transforms.ToTensor(), download=False)
     while True:
-        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, pin_memory=device == "cuda")
 
 
 def memory_batches(images: torch.Tensor, batch_size: int):
     while True:
-        order = torch.randperm(len(images))
+        order = torch.randperm(len(images), device=images.device)
         for i in range(len(images) // batch_size):
             idx = order[i * batch_size : (i + 1) * batch_size]
             yield images[idx], None
 
 
 class StepTimer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.batches = warmup, None, 0
+    def __init__(self, warmup: int, device: str):
+        self.warmup, self.device, self.start, self.batches = warmup, device, None, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.batches == self.warmup:
+            synchronize(self.device)
             self.start = time.perf_counter()
         self.batches += 1
 
     def on_train_end(self, trainer, pl_module):
+        synchronize(self.device)
         self.rate = (self.batches - self.warmup) / (time.perf_counter() - self.start)
 
 
-def time_ours(data_dir: str, batch_size: int, steps: int, warmup: int, precision: str = "32", val_size: int = 5000) -> float:
-    timer = StepTimer(warmup)
+def time_ours(data_dir: str, batch_size: int, steps: int, warmup: int, precision: str = "32", val_size: int = 5000,
+              device: str = "cpu") -> float:
+    timer = StepTimer(warmup, device)
+    on_gpu = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--data.on_device=true"] if device == "cuda" else []
     cli = cli_main(["--config", str(CONFIG), "--data=aae_lightning.FashionMNISTDataModule",
                     f"--data.data_dir={data_dir}", "--data.download=false", f"--data.batch_size={batch_size}", f"--data.val_size={val_size}",
                     f"--model.codes.y.prior.num_classes={K}", f"--model.codes.z.prior.dim={STYLE}", "--model.init_args.discriminator_noise=0",
@@ -151,23 +168,25 @@ def time_ours(data_dir: str, batch_size: int, steps: int, warmup: int, precision
                     f"--trainer.max_steps={3 * (steps + warmup)}", "--trainer.limit_val_batches=0",
                     "--trainer.num_sanity_val_steps=0", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                    f"--trainer.precision={precision}"], run=False)
+                    f"--trainer.precision={precision}", *on_gpu], run=False)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, cli.datamodule)
     wandb.finish()
     return timer.rate
 
 
-def gemm_gflops(batch_size: int, repeats: int = 20) -> float:
+def gemm_gflops(batch_size: int, device: str, repeats: int = 20) -> float:
     """torch.mm at the forward sizes of the nets (backward GEMMs have the same shapes transposed)."""
     sizes = [(784, 1000), (1000, 1000), (1000, K + STYLE), (K + STYLE, 1000), (1000, 784), (K, 1000), (STYLE, 1000), (1000, 1)]
     flops = seconds = 0.0
     for i, o in sizes:
-        a, b = torch.randn(batch_size, i), torch.randn(i, o)
+        a, b = torch.randn(batch_size, i, device=device), torch.randn(i, o, device=device)
         torch.mm(a, b)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
             torch.mm(a, b)
+        synchronize(device)
         seconds += time.perf_counter() - start
         flops += 2 * batch_size * i * o * repeats
     return flops / seconds / 1e9
@@ -184,43 +203,23 @@ def torchvision_layout(data_dir: Path, root: Path) -> None:
             shutil.copy(data_dir / name, raw / name)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--val-size", type=int, default=5000, help="training images held out, as the DataModule does")
-    parser.add_argument("--precisions", nargs="+", choices=("32", "bf16-mixed"), default=["32", "bf16-mixed"])
-    opts = parser.parse_args()
-    os.environ.setdefault("WANDB_MODE", "offline")
-    L.seed_everything(0, verbose=False)
-
-    from aae_lightning import FashionMNISTDataModule
-
-    dm = FashionMNISTDataModule(data_dir=opts.data_dir, download=False, val_size=opts.val_size)
-    dm.setup("fit")
-    images = dm.splits["train"][0]
-    plain = PlainAAE()
-    flops = flops_per_sample(linear_macs(plain.encoder), linear_macs(plain.decoder), linear_macs(plain.d_y) + linear_macs(plain.d_z))
-
+def measure(opts, batch_size: int, images: torch.Tensor, root: Path, flops: int) -> None:
+    """Every path of ``opts.precisions`` at one batch size, alternating, best of ``opts.repeats``."""
     paths = [(name, p) for p in opts.precisions for name in ("ours", "loop-dl", "loop-mem") if name != "loop-dl" or p == "32"]
     rates: dict[tuple[str, str], list[float]] = {path: [] for path in paths}
-    with tempfile.TemporaryDirectory() as root:
-        torchvision_layout(Path(opts.data_dir), Path(root))
-        for _ in range(opts.repeats):
-            for name, precision in paths:
-                if name == "ours":
-                    rate = time_ours(opts.data_dir, opts.batch_size, opts.steps, opts.warmup, precision, opts.val_size)
-                else:
-                    batches = dataloader_batches(Path(root), opts.batch_size) if name == "loop-dl" else memory_batches(images, opts.batch_size)
-                    rate = time_loop(batches, opts.steps, opts.warmup, precision)
-                rates[(name, precision)].append(rate * opts.batch_size)
-    gemm = gemm_gflops(opts.batch_size)
+    for _ in range(opts.repeats):
+        for name, precision in paths:
+            if name == "ours":
+                rate = time_ours(opts.data_dir, batch_size, opts.steps, opts.warmup, precision, opts.val_size, opts.device)
+            else:
+                batches = dataloader_batches(root, batch_size, opts.device) if name == "loop-dl" else memory_batches(images, batch_size)
+                rate = time_loop(batches, opts.steps, opts.warmup, precision, opts.device)
+            rates[(name, precision)].append(rate * batch_size)
+    gemm = gemm_gflops(batch_size, opts.device)
 
-    print(f"\nbatch {opts.batch_size}, {opts.steps} timed steps after {opts.warmup} warm-up, best of {opts.repeats}, "
-          f"{torch.get_num_threads()} threads, {flops / 1e6:.1f} MFLOP per sample")
+    where = torch.cuda.get_device_name() if opts.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{where}: batch {batch_size}, {opts.steps} timed steps after {opts.warmup} warm-up, best of {opts.repeats}, "
+          f"{flops / 1e6:.1f} MFLOP per sample")
     best = {k: max(v) for k, v in rates.items()}
     for (name, precision), rate in best.items():
         print(f"{name:>9} {precision:>10}: {rate:9.0f} samples/s  {rate * flops / 1e9:7.1f} GFLOP/s  "
@@ -232,6 +231,36 @@ def main():
     if "bf16-mixed" in opts.precisions and "32" in opts.precisions:
         print(f"ours bf16-mixed / ours 32 = {best['ours', 'bf16-mixed'] / best['ours', '32']:.2f}")
         print(f"loop-mem bf16-mixed / loop-mem 32 = {best['loop-mem', 'bf16-mixed'] / best['loop-mem', '32']:.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[100], help="one block of figures per size")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--val-size", type=int, default=5000, help="training images held out, as the DataModule does")
+    parser.add_argument("--precisions", nargs="+", choices=("32", "bf16-mixed"), default=["32", "bf16-mixed"])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    opts = parser.parse_args()
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    L.seed_everything(0, verbose=False)
+
+    from aae_lightning import FashionMNISTDataModule
+
+    dm = FashionMNISTDataModule(data_dir=opts.data_dir, download=False, val_size=opts.val_size)
+    dm.setup("fit")
+    images = dm.splits["train"][0].to(opts.device)
+    plain = PlainAAE()
+    flops = flops_per_sample(linear_macs(plain.encoder), linear_macs(plain.decoder), linear_macs(plain.d_y) + linear_macs(plain.d_z))
+    with tempfile.TemporaryDirectory() as root:
+        torchvision_layout(Path(opts.data_dir), Path(root))
+        for batch_size in opts.batch_size:
+            measure(opts, batch_size, images, Path(root), flops)
+
 
 if __name__ == "__main__":
     main()

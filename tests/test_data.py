@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from aae_lightning import FashionMNISTDataModule, MNISTDataModule, SVHNDataModule
+from aae_lightning.cli import cli_main
 from aae_lightning.data import DataError, TensorBatches
-from conftest import write_idx_dataset
+from conftest import CONFIGS, write_idx_dataset
 
 
 def test_mnist_torchvision_layout_shapes_range_and_split(mnist_dir):
@@ -159,3 +160,19 @@ def test_tensor_batches_resume_mid_epoch_and_start_a_new_epoch_otherwise():
     reference = TensorBatches(data, 4, shuffle=True, seed=3)
     [next(iter(reference)) for _ in range(1)]
     assert torch.equal(torch.cat([b[0] for b in reference]), torch.cat(epoch1))
+
+
+def test_splits_on_device_stay_where_the_model_trains(mnist_dir, tmp_path, monkeypatch):
+    """``on_device`` puts every split, the labelled subset too, on the trainer's device (the GPU
+    where there is one), and training and prediction read them there."""
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--config", str(CONFIGS / "semi_supervised_mnist_100.yaml"), f"--data.data_dir={mnist_dir}", "--data.download=false",
+                    "--data.val_size=100", "--data.on_device=true", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                    "--trainer.limit_val_batches=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+                    "--trainer.enable_progress_bar=false"])
+    device, dm = cli.trainer.strategy.root_device, cli.datamodule
+    assert cli.trainer.current_epoch == 1 and set(dm.splits) == {"train", "val", "labeled"}
+    assert {t.device for tensors in dm.splits.values() for t in tensors} == {device}
+    # Lightning hands predictions back on the CPU
+    index = torch.cat([out["index"] for out in cli.trainer.predict(cli.model, datamodule=dm)])
+    assert index.tolist() == list(range(200))  # the fixture's 200 test images, in order
