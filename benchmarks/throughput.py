@@ -37,6 +37,8 @@ from aae_lightning.cli import cli_main
 from aae_lightning.nets import Discriminator, MLPDecoder, MLPEncoder
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "clustering.yaml"
+# one GPU with the splits in its memory, as a user runs it
+GPU_PRESET = CONFIG.parent / "trainer" / "gpu.yaml"
 HIDDEN = (1000, 1000)
 K, STYLE = 16, 5
 
@@ -159,7 +161,7 @@ class StepTimer(L.Callback):
 def time_ours(data_dir: str, batch_size: int, steps: int, warmup: int, precision: str = "32", val_size: int = 5000,
               device: str = "cpu") -> float:
     timer = StepTimer(warmup, device)
-    on_gpu = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--data.on_device=true"] if device == "cuda" else []
+    on_gpu = ["--config", str(GPU_PRESET)] if device == "cuda" else []
     cli = cli_main(["--config", str(CONFIG), "--data=aae_lightning.FashionMNISTDataModule",
                     f"--data.data_dir={data_dir}", "--data.download=false", f"--data.batch_size={batch_size}", f"--data.val_size={val_size}",
                     f"--model.codes.y.prior.num_classes={K}", f"--model.codes.z.prior.dim={STYLE}", "--model.init_args.discriminator_noise=0",
