@@ -50,6 +50,7 @@ def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys)
     labels100 = resolved_config(CONFIGS / "semi_supervised_mnist_100.yaml", capsys)
     labels1000 = resolved_config(CONFIGS / "semi_supervised_mnist_1000.yaml", capsys)
     assert labels1000["data"]["init_args"].pop("num_labeled") == 1000 and labels100["data"]["init_args"].pop("num_labeled") == 100
+    assert labels1000["trainer"].pop("precision") == "32-true" and labels100["trainer"].pop("precision") is None
     maps = [labels1000["model"]["init_args"]["supervised_perturbation"],
             labels1000["model"]["init_args"]["terms"][3]["init_args"]["perturbation"]]
     assert [m["class_path"] for m in maps] == ["aae_lightning.RandomAffine"] * 2
