@@ -79,7 +79,7 @@ class BestCheckpoint(ModelCheckpoint):
     """The best checkpoint (and ``last.ckpt``) by the model's headline metric: ``val/error`` for a
     classifier, ``val/purity`` for a clustering model on labelled data, else ``val/recon_loss``
     (the model's ``monitor_metric``), so one default serves every experiment. Give ``monitor`` and
-    ``mode`` to choose another."""
+    ``mode`` to choose another. A finished fit's ``last.ckpt`` holds its final weights."""
 
     def __init__(self, monitor: str | None = None, mode: str = "min", save_last: bool = True, **kwargs):
         kwargs.setdefault("enable_version_counter", False)  # one last.ckpt, shared with the periodic one
@@ -90,6 +90,13 @@ class BestCheckpoint(ModelCheckpoint):
             self.monitor, mode = pl_module.monitor_metric()
             self._ModelCheckpoint__init_monitor_mode(mode)  # mode sets kth_value and best_model_score's start
         super().setup(trainer, pl_module, stage)
+
+    def on_train_end(self, trainer, pl_module):
+        # Lightning writes last.ckpt beside a new best and at the end of fit only if it never wrote
+        # one: once the metric has peaked, a finished fit's last.ckpt would hold the peak's weights
+        if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
 
 
 class CheckpointError(ValueError):

@@ -12,7 +12,7 @@ import torch
 import wandb
 import yaml
 
-from aae_lightning.checkpointing import AtomicCheckpointIO
+from aae_lightning.checkpointing import AtomicCheckpointIO, BestCheckpoint
 from aae_lightning.cli import cli_main
 from aae_lightning.offline_runs import offline_runs
 from conftest import CONFIGS
@@ -199,3 +199,23 @@ def test_resume_from_an_epochs_end_trains_the_weights_an_uninterrupted_fit_would
         _assert_same_tensors(resumed[key], reference[key], key)
     (averaging,) = [k for k in reference["callbacks"] if "EMAWeights" in k]  # the other callbacks' states name their run
     _assert_same_tensors(resumed["callbacks"][averaging], reference["callbacks"][averaging], averaging)
+
+
+def test_a_finished_fit_leaves_its_final_weights_in_last_ckpt_when_the_metric_peaked_earlier(mnist_dir, tmp_path):
+    """Lightning writes last.ckpt beside each new best or periodic checkpoint, and at the end of fit
+    only if it never wrote one; after a run's metric has peaked, ``test --ckpt_path last`` or a resume
+    would start from the peak's weights, not the run's. Here the best is the highest reconstruction
+    loss: epoch 0, as a real run's peak comes before its end."""
+    cli = cli_main(["--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}", "--data.download=false",
+                    "--data.val_size=100", "--data.batch_size=50", "--trainer.max_epochs=3", "--trainer.logger=false",
+                    "--trainer.enable_progress_bar=false", "--trainer.num_sanity_val_steps=0", "--model.figures_every_n_epochs=0",
+                    f"--trainer.default_root_dir={tmp_path}"], run=False)
+    peaked_first = BestCheckpoint(monitor="val/recon_loss", mode="max", dirpath=tmp_path / "checkpoints")
+    cli.trainer.callbacks = [peaked_first if isinstance(cb, BestCheckpoint) else cb for cb in cli.trainer.callbacks
+                             if type(cb) is not L.pytorch.callbacks.ModelCheckpoint]
+    cli.trainer.fit(cli.model, cli.datamodule)
+
+    assert Path(peaked_first.best_model_path).name.startswith("epoch=0-")
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == cli.trainer.global_step and last["epoch"] == 3
+    _assert_same_tensors(last["state_dict"], cli.model.state_dict(), "state_dict")
