@@ -94,7 +94,7 @@ class BestCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module):
         # Lightning writes last.ckpt beside a new best and at the end of fit only if it never wrote
         # one: once the metric has peaked, a finished fit's last.ckpt would hold the peak's weights
-        if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
 
