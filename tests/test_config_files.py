@@ -51,6 +51,10 @@ def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys)
     labels1000 = resolved_config(CONFIGS / "semi_supervised_mnist_1000.yaml", capsys)
     assert labels1000["data"]["init_args"].pop("num_labeled") == 1000 and labels100["data"]["init_args"].pop("num_labeled") == 100
     assert labels1000["trainer"].pop("precision") == "32-true" and labels100["trainer"].pop("precision") is None
+    # 100 labels self-label a second copy, under the affine map alone
+    second_copy = labels100["model"]["init_args"]["terms"].pop(4)
+    assert second_copy["class_path"] == "aae_lightning.SelfLabelling"
+    assert second_copy["init_args"]["perturbation"]["class_path"] == "aae_lightning.RandomAffine"
     maps = [labels1000["model"]["init_args"]["supervised_perturbation"],
             labels1000["model"]["init_args"]["terms"][3]["init_args"]["perturbation"]]
     assert [m["class_path"] for m in maps] == ["aae_lightning.RandomAffine"] * 2
