@@ -191,8 +191,8 @@ class AdversarialAutoencoder(L.LightningModule):
                 raise ValueError(f"AdversarialAutoencoder: {term!r} reads codes {unknown}, which are not inferred codes {inferred}")
         self.supervised_code, self.lr_supervised = supervised_code, lr_supervised
         self.supervised_perturbation = supervised_perturbation
-        # the perturbed copies' codes of the phase running its terms (see perturbed_codes); None outside one
-        self._perturbed_codes: dict[tuple[str, str | None], dict[str, torch.Tensor]] | None = None
+        # the codes that the terms of the running phase share (see perturbed_codes, averaged_codes); None outside one
+        self._phase_codes: dict[tuple[str, ...], dict[str, torch.Tensor]] | None = None
         if figures_every_n_epochs < 0:
             raise ValueError(f"AdversarialAutoencoder: figures_every_n_epochs must be >= 0, got {figures_every_n_epochs}")
         self.figures_every_n_epochs = figures_every_n_epochs
@@ -323,26 +323,47 @@ class AdversarialAutoencoder(L.LightningModule):
 
     def term_losses(self, x: torch.Tensor, codes: dict[str, torch.Tensor], phase: str) -> dict[str, tuple[float, torch.Tensor]]:
         """{name: (weight, unweighted loss)} of the extra terms that join ``phase``."""
-        self._perturbed_codes = {}
+        self._phase_codes = {}
         try:
             return {name: (term.weight, term.loss(self, x, codes)) for name, term in zip(self.term_names(), self.terms)
                     if term.phase == phase and self.global_step >= term.start_step}
         finally:
-            self._perturbed_codes = None
+            self._phase_codes = None
 
     def perturbed_codes(self, perturbation: Perturbation, x: torch.Tensor, code: str) -> dict[str, torch.Tensor]:
         """Every inferred code of ``perturbation(x)``, with gradients to the encoder; an adversarial
         perturbation is drawn against ``code``. Within one phase, terms with equal perturbations
         (same class and settings; for an adversarial one, the same code too) share one draw and
         one encoder pass: the copy costs a full forward and backward through the encoder."""
-        shared = self._perturbed_codes if self._perturbed_codes is not None else {}
-        key = (repr(perturbation), code if perturbation.uses_predict else None)
-        if key not in shared:
-            def predict(images):
-                return self.encode(images)[code]
+        def predict(images):
+            return self.encode(images)[code]
 
-            shared[key] = self.encode(perturbation(x, predict))
-        return shared[key]
+        key = ("perturbed", repr(perturbation), code if perturbation.uses_predict else "")
+        return self._shared_in_phase(key, lambda: self.encode(perturbation(x, predict)))
+
+    def averaged_codes(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every inferred code of ``x`` under the :class:`~aae_lightning.EMAWeights` callback's
+        average of the weights, in eval mode (batch norm from its running statistics), without
+        gradients. Within one phase the terms that read it share one pass."""
+        def encode_averaged():
+            teacher = weight_average(self._trainer).averaged_module
+            was_training = teacher.training
+            teacher.eval()
+            try:
+                with torch.no_grad():
+                    return teacher.encode(x)
+            finally:
+                teacher.train(was_training)
+
+        return self._shared_in_phase(("weight_average",), encode_averaged)
+
+    def _shared_in_phase(self, key: tuple[str, ...], compute) -> dict[str, torch.Tensor]:
+        """``compute()``, kept for the rest of the phase running its terms (computed afresh outside one)."""
+        if self._phase_codes is None:
+            return compute()
+        if key not in self._phase_codes:
+            self._phase_codes[key] = compute()
+        return self._phase_codes[key]
 
     def perturbed_code(self, perturbation: Perturbation, x: torch.Tensor, code: str) -> torch.Tensor:
         """q(code | perturbation(x)): :meth:`perturbed_codes`' entry for ``code``."""

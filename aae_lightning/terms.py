@@ -9,7 +9,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from aae_lightning.averaging import weight_average
 from aae_lightning.perturbations import Perturbation
 from aae_lightning.settings import SettingsRepr
 
@@ -136,14 +135,7 @@ class TargetsFrom:
     def target_code(self, model, x, codes) -> torch.Tensor:
         if self.targets == "codes":
             return codes[self.code].detach()
-        teacher = weight_average(model.trainer).averaged_module
-        was_training = teacher.training
-        teacher.eval()
-        try:
-            with torch.no_grad():
-                return teacher.encode(x)[self.code]
-        finally:
-            teacher.train(was_training)
+        return model.averaged_codes(x)[self.code]
 
 
 class SelfLabelling(TargetsFrom, PerturbedTerm):

@@ -236,6 +236,27 @@ def test_self_labelling_can_take_its_targets_from_the_weight_average():
         SelfLabelling(term.perturbation, targets="teacher")
 
 
+def test_terms_reading_the_weight_average_share_one_pass_of_it_per_phase():
+    torch.manual_seed(0)
+    model = model_with(SelfLabelling(RandomAffine(), targets="weight_average"),
+                       SelfLabelling(RandomElastic(), targets="weight_average"))
+    averaging = EMAWeights()
+    trainer = L.Trainer(callbacks=[averaging], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    model.trainer = trainer
+    averaging.setup(trainer, model, "fit")
+    passes = []
+    averaging.averaged_module.encoder.register_forward_hook(lambda module, inputs, output: passes.append(inputs[0]))
+    x = square_batch()
+    losses = model.term_losses(x, model.encode(x), "generator")
+    assert len(losses) == 2 and len(passes) == 1  # two pseudo-labelled copies, one pass of the average
+    model.term_losses(x, model.encode(x), "generator")
+    assert len(passes) == 2  # the next phase reads the average afresh: it moves every step
+    # outside a phase nothing is kept
+    for term in model.terms:
+        term.loss(model, x, model.encode(x))
+    assert len(passes) == 4
+
+
 def test_interpolation_consistency_is_zero_for_a_code_linear_in_the_image_and_positive_for_a_step():
     # images of one grey level g: a code [g, 1 - g] is linear in the image, so every mix's code is
     # the mix of the codes; a code that jumps at g = 0.5 misses the mixed target by 2 min(lam, 1 - lam)^2
