@@ -26,6 +26,14 @@ def square_batch(n=16):
     return x
 
 
+def with_weight_average(model) -> EMAWeights:
+    """An EMAWeights callback set up on ``model`` as fit sets it up: the average starts as a copy of the weights."""
+    averaging = EMAWeights()
+    model.trainer = L.Trainer(callbacks=[averaging], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    averaging.setup(model.trainer, model, "fit")
+    return averaging
+
+
 def test_balance_term_spreads_a_collapsed_batch():
     term = Balance(code="y")
     collapsed = {"y": torch.tensor([[0.97, 0.01, 0.01, 0.01]] * 8)}
@@ -222,10 +230,7 @@ def test_self_labelling_can_take_its_targets_from_the_weight_average():
             output.bias[category] = 50.0
 
     answer(0)
-    averaging = EMAWeights()
-    trainer = L.Trainer(callbacks=[averaging], logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    model.trainer = trainer
-    averaging.setup(trainer, model, "fit")  # the average starts as a copy of the weights: category 0
+    averaging = with_weight_average(model)  # a copy of the weights: category 0
     answer(1)  # the weights have moved on
     x = square_batch(4)
     # the copies say 1; the average's pseudo-label 0 gives them -log(1e-8) each, the phase's own codes (1) nothing
@@ -240,10 +245,7 @@ def test_terms_reading_the_weight_average_share_one_pass_of_it_per_phase():
     torch.manual_seed(0)
     model = model_with(SelfLabelling(RandomAffine(), targets="weight_average"),
                        SelfLabelling(RandomElastic(), targets="weight_average"))
-    averaging = EMAWeights()
-    trainer = L.Trainer(callbacks=[averaging], logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    model.trainer = trainer
-    averaging.setup(trainer, model, "fit")
+    averaging = with_weight_average(model)
     passes = []
     averaging.averaged_module.encoder.register_forward_hook(lambda module, inputs, output: passes.append(inputs[0]))
     x = square_batch()
