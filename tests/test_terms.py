@@ -110,12 +110,13 @@ def test_paired_mutual_information_wants_confident_balanced_agreeing_pairs():
 def test_terms_with_equal_perturbations_share_one_copy_and_encoder_pass_per_phase():
     torch.manual_seed(0)
     model = model_with(Consistency(RandomAffine()), PairedMutualInformation(RandomAffine()),
-                       SelfLabelling(RandomAffine(degrees=30)))
+                       SelfLabelling([RandomAffine(degrees=30), RandomAffine()]))
     passes = []
     model.encoder.register_forward_hook(lambda module, inputs, output: passes.append(inputs[0]))
     x = square_batch()
     losses = model.term_losses(x, model.encode(x), "generator")
-    # the clean batch, one copy for the two terms under RandomAffine(), one under degrees=30
+    # the clean batch, one copy for the three maps RandomAffine() (self-labelling's second among
+    # them), one under degrees=30
     assert len(passes) == 3 and set(losses) == {"consistency", "pairedmutualinformation", "selflabelling"}
     assert not torch.equal(passes[1], passes[2])
     sum(value for _, value in losses.values()).backward()  # one graph: the shared copy takes both terms' gradients
@@ -215,6 +216,24 @@ def test_self_labelling_trains_the_copies_of_confident_images_towards_their_argm
     assert copy_loss(torch.full((4, 3), 1 / 3)) == pytest.approx(2 * math.log(3) / 4, rel=1e-4)
     with pytest.raises(ValueError, match="threshold must lie in"):
         SelfLabelling(identity, threshold=1.0)
+
+
+def test_self_labelling_under_a_list_of_maps_adds_up_each_copys_cross_entropy():
+    shift, turn = RandomShift(), RandomAffine(degrees=30)
+    x = square_batch(2)
+    clean = {"y": torch.tensor([[0.95, 0.05], [0.2, 0.8]])}  # image 0 confident at 0.9, image 1 not
+    copies = {repr(shift): torch.tensor([[0.5, 0.5], [1.0, 0.0]]), repr(turn): torch.tensor([[0.25, 0.75], [0.5, 0.5]])}
+    model = SimpleNamespace(perturbed_code=lambda perturbation, images, code: copies[repr(perturbation)])
+
+    def loss(maps):
+        return SelfLabelling(maps, code="y", threshold=0.9).loss(model, x, clean)
+
+    # image 0's pseudo-label 0: its shifted copy costs -log 0.5, its turned one -log 0.25, over a batch of two
+    assert loss(shift) == pytest.approx(math.log(2) / 2) and loss(turn) == pytest.approx(math.log(4) / 2)
+    assert loss([shift, turn]) == pytest.approx(math.log(8) / 2)
+    for maps in ([], [turn, RandomAffine(degrees=30)]):  # an equal map would only repeat the shared copy
+        with pytest.raises(ValueError, match="needs distinct maps"):
+            SelfLabelling(maps)
 
 
 def test_self_labelling_can_take_its_targets_from_the_weight_average():
