@@ -12,6 +12,7 @@ from aae_lightning.perturbations import RandomAffine, RandomElastic, RandomShift
 from aae_lightning.predictions import PredictionWriter
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
 from aae_lightning.runs import RunSummary
+from aae_lightning.splitting import ClusterSplit
 from aae_lightning.transforms import Deskew, ImageTransform, PenWidth
 from aae_lightning.terms import Balance, CategoryRecovery, Consistency, HeadSeparation, InstanceContrast, InterpolationConsistency, MutualInformation, NeighbourAgreement, PairedMutualInformation, SelfLabelling, TrainingTerm
 
@@ -23,6 +24,7 @@ __all__ = [
     "CategoricalPrior",
     "CategoryRecovery",
     "ClusterGrid",
+    "ClusterSplit",
     "Consistency",
     "EMAWeights",
     "PairedMutualInformation",

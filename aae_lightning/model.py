@@ -223,14 +223,26 @@ class AdversarialAutoencoder(L.LightningModule):
     def encode_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(the encoder's last hidden layer, the codes) of a batch: the hidden layer is the input
         of the encoder's output layer (its last module without children)."""
-        output_layer = [m for m in self.encoder.modules() if not list(m.children())][-1]
         seen: list[torch.Tensor] = []
-        handle = output_layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        handle = self.encoder_output_layer().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
         try:
             codes = self.encode(x)
         finally:
             handle.remove()
         return seen[0].flatten(1).float(), codes
+
+    def encoder_output_layer(self) -> nn.Module:
+        """The encoder's last module without children: the layer that gives the raw codes."""
+        return [m for m in self.encoder.modules() if not list(m.children())][-1]
+
+    def code_logit_rows(self, name: str) -> slice:
+        """Where the named inferred code's raw values lie among the encoder's outputs."""
+        start = 0
+        for c in self.codes:
+            if c.name == name:
+                return slice(start, start + c.dim)
+            start += c.dim if c.inferred else 0
+        raise ValueError(f"AdversarialAutoencoder: no code named {name!r}")
 
     def head_matrix(self, name: str) -> torch.Tensor:
         """W of a code that is added to another one: one row (head) per category."""
