@@ -244,6 +244,16 @@ class AdversarialAutoencoder(L.LightningModule):
             start += c.dim if c.inferred else 0
         raise ValueError(f"AdversarialAutoencoder: no code named {name!r}")
 
+    def decoder_input_columns(self, name: str) -> slice | None:
+        """Where the named code lies in the decoder's input; None for a code added to another."""
+        start = 0
+        for c in self.codes:
+            if c.added_to is None:
+                if c.name == name:
+                    return slice(start, start + c.dim)
+                start += c.dim
+        return None
+
     def head_matrix(self, name: str) -> torch.Tensor:
         """W of a code that is added to another one: one row (head) per category."""
         return self.heads[name] if name in self.heads else getattr(self, f"fixed_heads_{name}")

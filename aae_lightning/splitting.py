@@ -46,19 +46,43 @@ def split_rows(layer: nn.Linear, source: int, target: int, kept: torch.Tensor, m
     layer.bias[target] = layer.bias[source] - scale * direction @ (kept + moved) / 2
 
 
+def copy_slice(tensor: torch.Tensor, dim: int, source: int, target: int) -> None:
+    """Index ``target`` of ``tensor`` along ``dim`` becomes a copy of index ``source``."""
+    tensor.select(dim, target).copy_(tensor.select(dim, source))
+
+
+def decoder_slices(module, code: str) -> list[tuple[nn.Parameter, int, int]]:
+    """(parameter, dim, offset) of what the decoder reads of each category of ``code``: the
+    decoder input layer's columns, or the code's heads' rows; none for fixed heads."""
+    columns = module.decoder_input_columns(code)
+    if columns is not None:
+        return [(decoder_input_layer(module).weight, 1, columns.start)]
+    return [(module.heads[code], 0, 0)] if code in module.heads else []
+
+
+def decoder_input_layer(module) -> nn.Module:
+    """The decoder's first module without children: the layer that reads the codes."""
+    return next(m for m in module.decoder.modules() if not list(m.children()))
+
+
 class ClusterSplit(L.Callback):
     """Every ``every_n_steps`` trainer steps from ``start_step``, the cluster code's emptiest
     cluster, if it holds fewer than ``min_share`` of an equal share of the first ``max_images``
     training images (their labels are not read), takes over part of another: the cluster whose
     images' hidden features (the encoder's last hidden layer, the features ``NeighbourAgreement``
-    reads) lose the most scatter when cut in two by :func:`two_means`. The emptied cluster's
-    output row is rewritten by :func:`split_rows` so that the cut's smaller half scores it
-    ``margin`` above its old cluster; the weight average (``EMAWeights``), whose pseudo-labels and
-    evaluation would otherwise keep the old clusters, gets the same cut of the same images on its own
-    features, and the row's optimizer moments are copied from the source row's. One cut per check.
+    reads) lose the most scatter when cut in two by :func:`two_means`. One cut per check.
 
-    Needs an encoder whose last layer is a ``Linear`` over the hidden features (the conv and MLP
-    encoders here); the checks use the training weights in eval mode (batch-norm running statistics)."""
+    The emptied cluster's output row is rewritten by :func:`split_rows` so that the cut's smaller
+    half scores it ``margin`` above its old cluster. The decoder's input columns (or the heads'
+    row) of the emptied cluster become copies of the old cluster's, so that reconstruction does
+    not pull the moved images back; so do the optimizer moments of all these. The weight average
+    (``EMAWeights``), whose pseudo-labels and evaluation would otherwise keep the old clusters, gets
+    the same cut of the same images on its own features, and the terms forget the codes they hold
+    from earlier batches (``NeighbourAgreement``'s memory, whose targets would pull them back too).
+
+    Needs an encoder whose last layer is a ``Linear`` over the hidden features and, for a code
+    the decoder reads directly, a decoder whose first layer is a ``Linear`` (the nets here); the
+    checks use the training weights in eval mode (batch-norm running statistics)."""
 
     def __init__(self, start_step: int = 1500, every_n_steps: int = 600, min_share: float = 0.2, max_images: int = 2000,
                  margin: float = 2.0):
@@ -82,6 +106,8 @@ class ClusterSplit(L.Callback):
         layer = pl_module.encoder_output_layer()
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"ClusterSplit: the encoder's last layer must be a Linear over its hidden features, got {type(layer).__name__}")
+        if pl_module.decoder_input_columns(pl_module.cluster_code) is not None and not isinstance(decoder_input_layer(pl_module), nn.Linear):
+            raise ValueError(f"ClusterSplit: the decoder's first layer must be a Linear over the codes, got {type(decoder_input_layer(pl_module)).__name__}")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._step_before = trainer.global_step
@@ -122,14 +148,24 @@ class ClusterSplit(L.Callback):
         moved = members.clone()
         moved[members] = side if side.sum() <= (~side).sum() else ~side
         kept = members & ~moved
-        offset = pl_module.code_logit_rows(pl_module.cluster_code).start
+        code = pl_module.cluster_code
         averaged = weight_average(trainer)
         modules = [pl_module] + ([averaged.averaged_module] if averaged is not None and averaged.averaged_module is not None else [])
+        rows = pl_module.code_logit_rows(code).start
         for module in modules:
             module_features = features if module is pl_module else self._encode(module, images)[0]
-            split_rows(module.encoder_output_layer(), offset + source, offset + target, module_features[kept].mean(0),
+            split_rows(module.encoder_output_layer(), rows + source, rows + target, module_features[kept].mean(0),
                        module_features[moved].mean(0), self.margin)
-        self._copy_moments(trainer, pl_module.encoder_output_layer(), offset + source, offset + target)
+            for parameter, dim, offset in decoder_slices(module, code):
+                copy_slice(parameter, dim, offset + source, offset + target)
+        layer = pl_module.encoder_output_layer()
+        for parameter, dim, offset in [(layer.weight, 0, rows), (layer.bias, 0, rows), *decoder_slices(pl_module, code)]:
+            for optimizer in trainer.optimizers:
+                for value in optimizer.state.get(parameter, {}).values():
+                    if torch.is_tensor(value) and value.shape == parameter.shape:
+                        copy_slice(value, dim, offset + source, offset + target)
+        for term in pl_module.terms:
+            term.forget()
         self.splits.append((step, source, target))
         pl_module.log("train/clusters_split", float(len(self.splits)), on_step=True, on_epoch=False)
 
@@ -145,13 +181,3 @@ class ClusterSplit(L.Callback):
         finally:
             module.train(training)
         return torch.cat(hidden), torch.cat(assigned)
-
-    @staticmethod
-    def _copy_moments(trainer, layer: nn.Linear, source: int, target: int) -> None:
-        for optimizer in trainer.optimizers:
-            for parameter in (layer.weight, layer.bias):
-                state = optimizer.state.get(parameter, {})
-                for value in state.values():
-                    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == parameter.shape[0]:
-                        value[target] = value[source]
-

@@ -62,6 +62,10 @@ class TrainingTerm(SettingsRepr):
     def loss(self, model, x: torch.Tensor, codes: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def forget(self) -> None:
+        """Drop what the term keeps of earlier batches' codes: their categories no longer mean
+        what they did (``ClusterSplit`` rewrote one)."""
+
 
 class MutualInformation(TrainingTerm):
     """log K - [H(E_x q(y|x)) - conditional_weight * E_x H(q(y|x))] over the batch: with
@@ -352,6 +356,9 @@ class NeighbourAgreement(TrainingTerm):
         stored = entry if self._memory is None else tuple(torch.cat(pair) for pair in zip(entry, self._memory))
         self._memory = tuple(t[: self.memory_size] for t in stored)
         return value
+
+    def forget(self) -> None:
+        self._memory = None
 
     def __getstate__(self) -> dict:
         # a model built in Python keeps its terms among its hyperparameters: no memory in checkpoints

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from aae_lightning import AdversarialAutoencoder, CategoricalPrior, ClusterSplit, EMAWeights, GaussianPrior, LatentCode, MNISTDataModule
-from aae_lightning.splitting import split_rows, two_means
+from aae_lightning import (AdversarialAutoencoder, CategoricalPrior, ClusterSplit, EMAWeights, GaussianPrior, LatentCode, MNISTDataModule,
+                           NeighbourAgreement)
+from aae_lightning.splitting import decoder_input_layer, split_rows, two_means
 from conftest import write_idx_dataset
 
 
@@ -69,7 +70,8 @@ def test_cluster_split_gives_the_empty_cluster_the_half_of_a_two_class_cluster(t
     cluster_of = [0, 0, 2, 3, 4, 5, 6, 7, 8, 9]
     model = AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(2))}, discriminator_hidden=(8,),
                                    encoder=lambda shape, out_dim: clusters_by_class(means, out_dim, cluster_of), lr=1e-8,
-                                   lr_discriminator=1e-8, lr_generator=1e-8, figures_every_n_epochs=0)
+                                   lr_discriminator=1e-8, lr_generator=1e-8, figures_every_n_epochs=0,
+                                   terms=[NeighbourAgreement(neighbours=2, memory_size=50)])
     split = ClusterSplit(start_step=0, every_n_steps=3)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=3,
                         callbacks=[EMAWeights(batch_norm_batches=0), split])
@@ -81,9 +83,14 @@ def test_cluster_split_gives_the_empty_cluster_the_half_of_a_two_class_cluster(t
     (after,) = trainer.validate(model, data, verbose=False)
     # validation reads the weight average, which got the same cut
     assert after["val/purity"] == 1.0 and after["val/clusters_used"] == 10, after
-    layer = model.encoder_output_layer()
-    moments = trainer.optimizers[0].state[layer.weight]["exp_avg"]
-    assert torch.equal(moments[1], moments[0])
+    # the decoder draws the new cluster as the old one, and the optimizer carries on as for the old one
+    decoder = decoder_input_layer(model).weight
+    assert torch.equal(decoder[:, 1], decoder[:, 0]) and not torch.equal(decoder[:, 2], decoder[:, 0])
+    for parameter, dim in ((model.encoder_output_layer().weight, 0), (decoder, 1)):
+        moments = trainer.optimizers[0].state[parameter]["exp_avg"]
+        assert torch.equal(moments.select(dim, 1), moments.select(dim, 0))
+    # the neighbour term's memory held cluster 0 for the moved images: it starts again
+    assert model.terms[0]._memory is None
 
 
 def test_cluster_split_leaves_a_model_whose_clusters_are_all_in_use_alone(tmp_path):
