@@ -80,6 +80,9 @@ class ClusterSplit(L.Callback):
     the same cut of the same images on its own features, and the terms forget the codes they hold
     from earlier batches (``NeighbourAgreement``'s memory, whose targets would pull them back too).
 
+    At K = 30 it did not help: the cut that loses the most scatter goes through a large cluster of
+    one digit, not the mixed one (docs/experiments.md: "K = 30: refilling an emptied cluster").
+
     Needs an encoder whose last layer is a ``Linear`` over the hidden features and, for a code
     the decoder reads directly, a decoder whose first layer is a ``Linear`` (the nets here); the
     checks use the training weights in eval mode (batch-norm running statistics)."""
