@@ -4,7 +4,8 @@ With more clusters than classes and free cluster sizes (the paired term's ``marg
 below 1), some clusters empty out during training while others keep two digits (9s with 7s at
 K = 30); no training term moves images from a full cluster into an empty one. Bisecting k-means
 does: the cluster whose images' hidden features lose the most squared distance to their centre
-when cut in two gives its second half to the empty cluster. Purity cannot fall by a cut.
+when cut in two gives its smaller half to the empty cluster. Purity cannot fall by a cut (it did
+not rise at K = 30 either: docs/experiments.md).
 """
 
 import lightning as L
