@@ -266,6 +266,12 @@ class ImageDataModule(L.LightningDataModule):
             return {"all": self._batches("train", shuffle=True), "labeled": self._batches("labeled", shuffle=True)}
         return self._batches("train", shuffle=True)
 
+    def training_images(self, n: int) -> torch.Tensor:
+        """The first ``n`` training images, for callbacks that read the training set without its
+        labels (``MergedClusters``, ``ClusterSplit``)."""
+        self.setup("fit")
+        return self.splits["train"][0][:n]
+
     def val_dataloader(self):
         return self._batches("val", shuffle=False)
 
@@ -486,3 +492,9 @@ class ImageFolderDataModule(ImageDataModule):
     def example_names(self, split):
         folder = self.folders[split != "test"]
         return [str(p.relative_to(folder)) for p in self.scans[split != "test"][0]]
+
+
+def require_image_datamodule(trainer, who: str) -> None:
+    """One line for a callback that reads the training images and was given other data."""
+    if not isinstance(trainer.datamodule, ImageDataModule):
+        raise ValueError(f"{who}: needs one of aae_lightning's DataModules, whose training images it reads")

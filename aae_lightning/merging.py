@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from aae_lightning.callbacks import figure_rng
+from aae_lightning.data import require_image_datamodule
 from aae_lightning.metrics import ClusterMetrics
 from aae_lightning.perturbations import Perturbation, RandomAffine
 
@@ -126,8 +127,7 @@ class MergedClusters(L.Callback):
         k = pl_module.code_dim(pl_module.cluster_code)
         if not 1 <= self.num_clusters <= k:
             raise ValueError(f"MergedClusters: num_clusters={self.num_clusters} must lie between 1 and the model's {k} clusters")
-        if not hasattr(trainer.datamodule, "splits"):
-            raise ValueError("MergedClusters: needs one of aae_lightning's DataModules, whose training images it merges on")
+        require_image_datamodule(trainer, "MergedClusters")
         # without labels there is nothing to score; predict still writes the groups
         self.metrics = {s: ClusterMetrics(self.num_clusters, pl_module.num_classes, f"{s}/merged/").to(pl_module.device)
                         for s in ("val", "test") if pl_module.num_classes > 0}
@@ -139,9 +139,7 @@ class MergedClusters(L.Callback):
 
     @torch.no_grad()
     def fit_groups(self, trainer, pl_module) -> torch.Tensor:
-        datamodule = trainer.datamodule
-        datamodule.setup("fit")
-        images = datamodule.splits["train"][0][: self.max_images]
+        images = trainer.datamodule.training_images(self.max_images)
         code = pl_module.cluster_code
         # a single image has no neighbour: the perturbed copy alone
         use_neighbours = self.neighbours is not None and len(images) > 1

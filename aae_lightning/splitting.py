@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from aae_lightning.averaging import weight_average
+from aae_lightning.data import require_image_datamodule
 
 
 def two_means(features: torch.Tensor, iterations: int = 20) -> torch.Tensor:
@@ -107,6 +108,7 @@ class ClusterSplit(L.Callback):
     def setup(self, trainer, pl_module, stage):
         if pl_module.cluster_code is None:
             raise ValueError("ClusterSplit: the model has no cluster code to split (set codes with a CategoricalPrior)")
+        require_image_datamodule(trainer, "ClusterSplit")
         layer = pl_module.encoder_output_layer()
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"ClusterSplit: the encoder's last layer must be a Linear over its hidden features, got {type(layer).__name__}")
@@ -127,7 +129,7 @@ class ClusterSplit(L.Callback):
 
     @torch.no_grad()
     def split_emptiest(self, trainer, pl_module, step: int) -> None:
-        images = trainer.datamodule.splits["train"][0][: self.max_images]
+        images = trainer.datamodule.training_images(self.max_images)
         features, assigned = self._encode(pl_module, images)
         k = pl_module.code_dim(pl_module.cluster_code)
         sizes = torch.bincount(assigned, minlength=k)

@@ -5,6 +5,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from aae_lightning import (AdversarialAutoencoder, CategoricalPrior, ClusterSplit, EMAWeights, GaussianPrior, LatentCode, MNISTDataModule,
                            NeighbourAgreement)
@@ -102,6 +103,16 @@ def test_cluster_split_leaves_a_model_whose_clusters_are_all_in_use_alone(tmp_pa
     split = ClusterSplit(start_step=0, every_n_steps=3)
     L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=3, callbacks=[split]).fit(model, data)
     assert split.splits == []
+
+
+def test_cluster_split_needs_a_datamodule_whose_training_images_it_reads(tmp_path):
+    data, means = templates_and_means(tmp_path, n_train=300, n_test=50, val_size=100)
+    model = AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(2))}, discriminator_hidden=(8,),
+                                   figures_every_n_epochs=0)
+    loader = DataLoader(TensorDataset(*data.splits["train"]), batch_size=100)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=3, callbacks=[ClusterSplit()])
+    with pytest.raises(ValueError, match="ClusterSplit: needs one of aae_lightning's DataModules"):
+        trainer.fit(model, loader)
 
 
 @pytest.mark.parametrize("kwargs, message", [
