@@ -56,6 +56,10 @@ class AdversarialAutoencoder(L.LightningModule):
             fake; it blurs the gap between one-hot prior samples and soft encoder outputs.
         input_noise: std of Gaussian noise added to the encoder's input while training (a
             denoising autoencoder; the paper uses 0.3 for its semi-supervised MNIST model).
+        reconstruction_perturbation: opt-in, beyond the paper: the reconstruction phase encodes
+            a randomly mapped copy of each image (e.g. a small :class:`~aae_lightning.RandomAffine`),
+            before the input noise, and the decoder must draw the image itself: a denoising
+            autoencoder whose noise is geometric, so the encoder must undo the map.
         cluster_code: the categorical code scored against the labels with purity, Hungarian
             accuracy, NMI and ARI; default the first code with a categorical prior.
         terms: opt-in, beyond the paper: extra losses added to the generator phase, each a
@@ -95,6 +99,7 @@ class AdversarialAutoencoder(L.LightningModule):
         lr_gamma: float = 0.1,
         discriminator_noise: float = 0.0,
         input_noise: float = 0.0,
+        reconstruction_perturbation: Perturbation | None = None,
         cluster_code: str | None = None,
         terms: Sequence[TrainingTerm] = (),
         supervised_code: str | None = None,
@@ -178,6 +183,10 @@ class AdversarialAutoencoder(L.LightningModule):
         self.lr_milestones, self.lr_gamma = list(lr_milestones), lr_gamma
         self.discriminator_noise = discriminator_noise
         self.input_noise = input_noise
+        if reconstruction_perturbation is not None and reconstruction_perturbation.uses_predict:
+            raise ValueError(f"AdversarialAutoencoder: reconstruction_perturbation must be a random map such as RandomAffine, "
+                             f"not one drawn against a code: {reconstruction_perturbation!r}")
+        self.reconstruction_perturbation = reconstruction_perturbation
         self.cluster_code = cluster_code or (categorical[0] if categorical else None)
         self.terms = list(terms)
         for term in self.terms:
@@ -457,7 +466,8 @@ class AdversarialAutoencoder(L.LightningModule):
             raise ValueError("a code is taken from the label, but the batch has unlabelled images: unset num_labeled")
 
         with self._phase(opt_ae):
-            recon_codes = self.encode(self._corrupt(x), labels)
+            seen = x if self.reconstruction_perturbation is None else self.reconstruction_perturbation(x, None)
+            recon_codes = self.encode(self._corrupt(seen), labels)
             recon = self.reconstruction_loss(x, recon_codes)
             term_losses = self.term_losses(x, recon_codes, "reconstruction")
             self.manual_backward(recon + sum(w * value for w, value in term_losses.values()))

@@ -1,3 +1,4 @@
+import copy
 from functools import partial
 
 import lightning as L
@@ -5,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aae_lightning import AdversarialAutoencoder, CategoricalPrior, GaussianMixturePrior, GaussianPrior, LatentCode
+from aae_lightning import AdversarialAutoencoder, CategoricalPrior, GaussianMixturePrior, GaussianPrior, LatentCode, VirtualAdversarial
 from aae_lightning.data import TensorBatches
 from aae_lightning.nets import ConvEncoder, MLPDecoder, MLPEncoder, VGGEncoder
+from aae_lightning.perturbations import Perturbation
 from conftest import structured_images
 
 
@@ -150,6 +152,7 @@ def test_codes_are_split_and_activated_by_their_priors():
         (dict(lr=0), "lr must be > 0"),
         (dict(lr_discriminator=-1), "lr_discriminator must be > 0"),
         (dict(discriminator_noise=-0.1), "discriminator_noise must be >= 0"),
+        (dict(reconstruction_perturbation=VirtualAdversarial()), "reconstruction_perturbation must be a random map"),
     ],
 )
 def test_invalid_model_arguments_are_named(kwargs, message):
@@ -180,6 +183,30 @@ def test_non_finite_loss_stops_training_naming_the_phase_and_step():
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(NonFiniteLossError, match=r"reconstruction loss is nan at batch 3 of epoch 0 \(global step 9\)"):
         trainer.fit(model, TensorBatches((x, y), 50, shuffle=False))
+
+
+def test_the_reconstruction_phase_encodes_the_mapped_image_and_draws_the_image_itself():
+    class Inverted(Perturbation):
+        def __call__(self, x, predict=None):
+            return 1 - x
+
+    torch.manual_seed(0)
+    x, y = synthetic(50)
+    model = small_model({"y": LatentCode(CategoricalPrior(5)), "z": LatentCode(GaussianPrior(2))}, reconstruction_perturbation=Inverted())
+    with torch.no_grad():  # a decoder that draws bright pixels, so that an image and its inverse lose differently
+        [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)][-1].bias.fill_(3.0)
+    before = copy.deepcopy(model)
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    trainer = L.Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, TensorBatches((x, y), 50, shuffle=False))
+    assert torch.equal(seen[0], 1 - x) and torch.equal(seen[1], x)  # the reconstruction phase's pass, then the regularization's
+    logged = trainer.callback_metrics["train/recon_loss_step"]
+    with torch.no_grad():
+        codes = before.encode(1 - x)
+        assert logged == pytest.approx(before.reconstruction_loss(x, codes).item(), rel=1e-5)
+        assert logged != pytest.approx(before.reconstruction_loss(1 - x, codes).item(), abs=0.2)  # the target is the image, not its copy
 
 
 def test_batch_norm_encoder_depends_on_the_batch_in_training_only():
