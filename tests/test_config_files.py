@@ -51,6 +51,9 @@ def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys)
     assert self_labelling["targets"] == "codes" and contrast["temperature"] == 0.5
     self_labelling["targets"] = "weight_average"
     contrast["temperature"] = 0.2
+    assert k30["model"]["init_args"]["reconstruction_perturbation"] is None
+    assert k16["model"]["init_args"]["reconstruction_perturbation"]["class_path"] == "aae_lightning.RandomAffine"
+    k30["model"]["init_args"]["reconstruction_perturbation"] = k16["model"]["init_args"]["reconstruction_perturbation"]
     assert k30 == k16
 
     labels100 = resolved_config(CONFIGS / "semi_supervised_mnist_100.yaml", capsys)
