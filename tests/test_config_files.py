@@ -51,8 +51,10 @@ def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys)
     assert self_labelling["targets"] == "codes" and contrast["temperature"] == 0.5
     self_labelling["targets"] = "weight_average"
     contrast["temperature"] = 0.2
-    assert k30["model"]["init_args"]["reconstruction_perturbation"] is None
-    assert k16["model"]["init_args"]["reconstruction_perturbation"]["class_path"] == "aae_lightning.RandomAffine"
+    # the reconstruction phase's map: half K = 16's angle, scale and shift
+    k30_map, k16_map = (c["model"]["init_args"]["reconstruction_perturbation"]["init_args"] for c in (k30, k16))
+    assert (k30_map["degrees"], k30_map["scale"], k30_map["max_shift"]) == (5, [0.95, 1.05], 1)
+    assert (k16_map["degrees"], k16_map["scale"], k16_map["max_shift"]) == (10, [0.9, 1.1], 2)
     k30["model"]["init_args"]["reconstruction_perturbation"] = k16["model"]["init_args"]["reconstruction_perturbation"]
     assert k30 == k16
 
