@@ -156,12 +156,18 @@ class ConvDecoder(nn.Module):
         super().__init__()
         c_img, h, w = output_shape
         scale = 2 ** len(channels)
+        if h % scale or w % scale:
+            # each block doubles the maps, so the image's sides must be the start's times 2 ** blocks
+            fits = max(n for n in range(len(channels)) if h % 2 ** n == 0 and w % 2 ** n == 0)
+            advice = f"give at most {fits} channels" if fits else "an odd side needs the MLPDecoder"
+            raise ValueError(f"ConvDecoder: {len(channels)} blocks cannot draw a {h}x{w} image ({h // scale * scale}x"
+                             f"{w // scale * scale} at most); {advice}")
         self.start_shape = (channels[0], h // scale, w // scale)
         layers: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, math.prod(self.start_shape)), nn.ReLU()]
         self.fc = nn.Sequential(*layers)
         ups: list[nn.Module] = []
-        for c_in, c_out in zip(channels, [*channels[1:], c_img]):
-            output = c_out == c_img
+        for i, (c_in, c_out) in enumerate(zip(channels, [*channels[1:], c_img])):
+            output = i == len(channels) - 1
             ups.append((FullPrecisionConvTranspose2d if output else nn.ConvTranspose2d)(c_in, c_out, 4, stride=2, padding=1))
             if not output:
                 ups += [FullPrecisionBatchNorm2d(c_out), nn.ReLU()]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from aae_lightning import AdversarialAutoencoder, CategoricalPrior, GaussianMixturePrior, GaussianPrior, LatentCode, VirtualAdversarial
 from aae_lightning.data import TensorBatches
-from aae_lightning.nets import ConvEncoder, MLPDecoder, MLPEncoder, VGGEncoder
+from aae_lightning.nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder, VGGEncoder
 from aae_lightning.perturbations import Perturbation
 from conftest import structured_images
 
@@ -136,6 +136,12 @@ def test_channels_last_encoders_compute_what_the_contiguous_ones_do(encoder):
 def test_conv_encoders_that_cannot_be_built_are_named(encoder, message):
     with pytest.raises(ValueError, match=message):
         encoder((1, 28, 28), 8)
+
+
+def test_a_conv_decoder_that_cannot_draw_the_image_is_named():
+    with pytest.raises(ValueError, match=r"ConvDecoder: 3 blocks cannot draw a 28x28 image \(24x24 at most\); give at most 2 channels"):
+        ConvDecoder(8, (1, 28, 28), channels=(16, 8, 4))
+    assert ConvDecoder(8, (1, 28, 28), channels=(16, 8), hidden=24)(torch.rand(3, 8)).shape == (3, 1, 28, 28)
 
 
 def test_codes_are_split_and_activated_by_their_priors():
