@@ -160,8 +160,8 @@ class ConvDecoder(nn.Module):
             # each block doubles the maps, so the image's sides must be the start's times 2 ** blocks
             fits = max(n for n in range(len(channels)) if h % 2 ** n == 0 and w % 2 ** n == 0)
             advice = f"give at most {fits} channels" if fits else "an odd side needs the MLPDecoder"
-            raise ValueError(f"ConvDecoder: {len(channels)} blocks cannot draw a {h}x{w} image ({h // scale * scale}x"
-                             f"{w // scale * scale} at most); {advice}")
+            raise ValueError(f"ConvDecoder: {len(channels)} blocks cannot draw a {h}x{w} image (they would draw "
+                             f"{h // scale * scale}x{w // scale * scale}); {advice}")
         self.start_shape = (channels[0], h // scale, w // scale)
         layers: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, math.prod(self.start_shape)), nn.ReLU()]
         self.fc = nn.Sequential(*layers)

@@ -139,9 +139,18 @@ def test_conv_encoders_that_cannot_be_built_are_named(encoder, message):
 
 
 def test_a_conv_decoder_that_cannot_draw_the_image_is_named():
-    with pytest.raises(ValueError, match=r"ConvDecoder: 3 blocks cannot draw a 28x28 image \(24x24 at most\); give at most 2 channels"):
+    with pytest.raises(ValueError, match=r"ConvDecoder: 3 blocks cannot draw a 28x28 image \(they would draw 24x24\); give at most 2 channels"):
         ConvDecoder(8, (1, 28, 28), channels=(16, 8, 4))
+    with pytest.raises(ValueError, match=r"cannot draw a 27x28 image \(they would draw 24x28\); an odd side needs the MLPDecoder"):
+        ConvDecoder(8, (1, 27, 28), channels=(16, 8))
     assert ConvDecoder(8, (1, 28, 28), channels=(16, 8), hidden=24)(torch.rand(3, 8)).shape == (3, 1, 28, 28)
+
+
+def test_only_the_conv_decoders_last_block_skips_batch_norm():
+    # a middle width equal to the image's channel count once passed for the output layer
+    decoder = ConvDecoder(8, (1, 28, 28), channels=(16, 1), hidden=24)
+    assert [type(layer).__name__ for layer in decoder.deconv] == ["ConvTranspose2d", "FullPrecisionBatchNorm2d", "ReLU",
+                                                                   "FullPrecisionConvTranspose2d"]
 
 
 def test_codes_are_split_and_activated_by_their_priors():
