@@ -154,6 +154,7 @@ class ConvDecoder(nn.Module):
 
     def __init__(self, in_dim: int, output_shape: Sequence[int], channels: Sequence[int] = (256, 128, 64), hidden: int = 1000):
         super().__init__()
+        check_blocks("ConvDecoder", output_shape, channels)
         c_img, h, w = output_shape
         scale = 2 ** len(channels)
         if h % scale or w % scale:
@@ -166,12 +167,9 @@ class ConvDecoder(nn.Module):
         layers: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, math.prod(self.start_shape)), nn.ReLU()]
         self.fc = nn.Sequential(*layers)
         ups: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip(channels, [*channels[1:], c_img])):
-            output = i == len(channels) - 1
-            ups.append((FullPrecisionConvTranspose2d if output else nn.ConvTranspose2d)(c_in, c_out, 4, stride=2, padding=1))
-            if not output:
-                ups += [FullPrecisionBatchNorm2d(c_out), nn.ReLU()]
-        self.deconv = nn.Sequential(*ups)
+        for c_in, c_out in zip(channels, channels[1:]):
+            ups += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), FullPrecisionBatchNorm2d(c_out), nn.ReLU()]
+        self.deconv = nn.Sequential(*ups, FullPrecisionConvTranspose2d(channels[-1], c_img, 4, stride=2, padding=1))
 
     def forward(self, codes):
         return self.deconv(self.fc(codes).view(-1, *self.start_shape))

@@ -143,6 +143,8 @@ def test_a_conv_decoder_that_cannot_draw_the_image_is_named():
         ConvDecoder(8, (1, 28, 28), channels=(16, 8, 4))
     with pytest.raises(ValueError, match=r"cannot draw a 27x28 image \(they would draw 24x28\); an odd side needs the MLPDecoder"):
         ConvDecoder(8, (1, 27, 28), channels=(16, 8))
+    with pytest.raises(ValueError, match=r"ConvDecoder: channels must be one or more positive widths, got \[\]"):
+        ConvDecoder(8, (1, 28, 28), channels=())
     assert ConvDecoder(8, (1, 28, 28), channels=(16, 8), hidden=24)(torch.rand(3, 8)).shape == (3, 1, 28, 28)
 
 
