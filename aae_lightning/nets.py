@@ -80,13 +80,14 @@ class MLPDecoder(nn.Module):
         return self.net(codes).view(-1, *self.output_shape)
 
 
-def check_blocks(encoder: str, input_shape: Sequence[int], channels: Sequence[int]) -> None:
-    """A conv encoder halves the image once per entry of ``channels``: name what cannot be built
-    rather than fail later with a shape error deep inside a layer."""
+def check_blocks(net: str, input_shape: Sequence[int], channels: Sequence[int]) -> None:
+    """A conv encoder halves the image once per entry of ``channels`` (the conv decoder doubles its
+    maps as often): name what cannot be built rather than fail later with a shape error deep inside
+    a layer."""
     if not channels or min(channels) < 1:
-        raise ValueError(f"{encoder}: channels must be one or more positive widths, got {list(channels)}")
+        raise ValueError(f"{net}: channels must be one or more positive widths, got {list(channels)}")
     if min(input_shape[1:]) < 2 ** len(channels):
-        raise ValueError(f"{encoder}: {len(channels)} blocks halve a {input_shape[1]}x{input_shape[2]} image "
+        raise ValueError(f"{net}: {len(channels)} blocks halve a {input_shape[1]}x{input_shape[2]} image "
                          f"below one pixel; give at most {int(math.log2(min(input_shape[1:])))} channels")
 
 
