@@ -87,8 +87,9 @@ def check_blocks(net: str, input_shape: Sequence[int], channels: Sequence[int]) 
     if not channels or min(channels) < 1:
         raise ValueError(f"{net}: channels must be one or more positive widths, got {list(channels)}")
     if min(input_shape[1:]) < 2 ** len(channels):
-        raise ValueError(f"{net}: {len(channels)} blocks halve a {input_shape[1]}x{input_shape[2]} image "
-                         f"below one pixel; give at most {int(math.log2(min(input_shape[1:])))} channels")
+        side = 2 ** len(channels)
+        raise ValueError(f"{net}: {len(channels)} blocks need an image of at least {side}x{side} pixels, got "
+                         f"{input_shape[1]}x{input_shape[2]}; give at most {int(math.log2(min(input_shape[1:])))} channels")
 
 
 def code_head(features: int, hidden: int, out_dim: int) -> list[nn.Module]:

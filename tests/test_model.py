@@ -130,7 +130,7 @@ def test_channels_last_encoders_compute_what_the_contiguous_ones_do(encoder):
         (partial(VGGEncoder, convs_per_block=0), "VGGEncoder: convs_per_block must be >= 1, got 0"),
         (partial(VGGEncoder, channels=()), r"VGGEncoder: channels must be one or more positive widths, got \[\]"),
         (partial(ConvEncoder, channels=(8, 0)), r"ConvEncoder: channels must be one or more positive widths, got \[8, 0\]"),
-        (partial(ConvEncoder, channels=(4, 4, 4, 4, 4)), "5 blocks halve a 28x28 image below one pixel; give at most 4 channels"),
+        (partial(ConvEncoder, channels=(4, 4, 4, 4, 4)), "5 blocks need an image of at least 32x32 pixels, got 28x28; give at most 4 channels"),
     ],
 )
 def test_conv_encoders_that_cannot_be_built_are_named(encoder, message):
@@ -145,6 +145,8 @@ def test_a_conv_decoder_that_cannot_draw_the_image_is_named():
         ConvDecoder(8, (1, 27, 28), channels=(16, 8))
     with pytest.raises(ValueError, match=r"ConvDecoder: channels must be one or more positive widths, got \[\]"):
         ConvDecoder(8, (1, 28, 28), channels=())
+    with pytest.raises(ValueError, match=r"ConvDecoder: 3 blocks need an image of at least 8x8 pixels, got 4x4; give at most 2 channels"):
+        ConvDecoder(8, (1, 4, 4), channels=(16, 8, 4))
     assert ConvDecoder(8, (1, 28, 28), channels=(16, 8), hidden=24)(torch.rand(3, 8)).shape == (3, 1, 28, 28)
 
 
