@@ -56,6 +56,17 @@ def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys)
     assert (k30_map["degrees"], k30_map["scale"], k30_map["max_shift"]) == (5, [0.95, 1.05], 1)
     assert (k16_map["degrees"], k16_map["scale"], k16_map["max_shift"]) == (10, [0.9, 1.1], 2)
     k30["model"]["init_args"]["reconstruction_perturbation"] = k16["model"]["init_args"]["reconstruction_perturbation"]
+    # the invariance terms' map: stronger than K = 16's, one map for the three (so one shared copy)
+    invariance = ("aae_lightning.Consistency", "aae_lightning.PairedMutualInformation", "aae_lightning.InstanceContrast")
+    k30_maps, k16_maps = ([t["init_args"]["perturbation"] for t in c["model"]["init_args"]["terms"] if t["class_path"] in invariance]
+                          for c in (k30, k16))
+    assert len(k30_maps) == 3 and all(m == k30_maps[0] for m in k30_maps)
+    assert all(m == k16_maps[0] for m in k16_maps)
+    strong, default = k30_maps[0]["init_args"], k16_maps[0]["init_args"]
+    assert (strong["degrees"], strong["scale"], strong["shear"], strong["max_shift"]) == (25, [0.8, 1.2], 10, 3)
+    assert (default["degrees"], default["scale"], default["shear"], default["max_shift"]) == (15, [0.9, 1.1], 0, 3)
+    for m in k30_maps:
+        m["init_args"] = dict(default)
     assert k30 == k16
 
     labels100 = resolved_config(CONFIGS / "semi_supervised_mnist_100.yaml", capsys)
