@@ -86,8 +86,8 @@ def check_blocks(net: str, input_shape: Sequence[int], channels: Sequence[int]) 
     a layer."""
     if not channels or min(channels) < 1:
         raise ValueError(f"{net}: channels must be one or more positive widths, got {list(channels)}")
-    if min(input_shape[1:]) < 2 ** len(channels):
-        side = 2 ** len(channels)
+    side = 2 ** len(channels)
+    if min(input_shape[1:]) < side:
         raise ValueError(f"{net}: {len(channels)} blocks need an image of at least {side}x{side} pixels, got "
                          f"{input_shape[1]}x{input_shape[2]}; give at most {int(math.log2(min(input_shape[1:])))} channels")
 
