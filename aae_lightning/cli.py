@@ -2,6 +2,7 @@
 
 import logging
 import sys
+from argparse import ArgumentError
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -153,6 +154,21 @@ def root_cause(err: BaseException) -> BaseException:
         err = inner
 
 
+def parse_error_line(message: str) -> str:
+    """jsonargparse's message in one line. A value that no type of a key takes gets one line per
+    type tried, nested per class_path; what a user needs is the key, the deepest refusal that is not
+    "Expected a NoneType" (it names the option or the type) and, for a type, the value given."""
+    lines = message.splitlines()
+    if len(lines) == 1:
+        return message
+    refusals = [line for line in lines if line.startswith("    ") and "NoneType" not in line]
+    deepest = max(refusals, key=lambda line: len(line) - len(line.lstrip()), default="")
+    given = next((line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("Given value:")), "")
+    refusal = deepest.strip().removeprefix("- ")
+    line = ": ".join(part for part in (lines[0].rstrip(":"), refusal) if part)
+    return f"{line}, given {given!r}" if given and refusal.startswith("Expected") else line
+
+
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Bad input (a wrong config value, a missing or corrupt file or checkpoint, a NaN loss) ends
@@ -160,6 +176,9 @@ def one_line_errors() -> Iterator[None]:
     MisconfigurationException is its bad input: trainer settings this machine or run cannot take."""
     try:
         yield
+    except ArgumentError as err:
+        print(f"error: {parse_error_line(str(err))}", file=sys.stderr)
+        sys.exit(2)
     except (DataError, NonFiniteLossError, CheckpointError, ValueError, MisconfigurationException) as err:
         print(f"error: {root_cause(err)}", file=sys.stderr)
         sys.exit(2)
@@ -193,7 +212,8 @@ def cli_main(args=None, run: bool = True) -> AAECLI | None:
                 subclass_mode_data=True,
                 save_config_callback=SaveConfigToRun,
                 auto_configure_optimizers=False,
-                parser_kwargs={"parser_mode": "omegaconf"},
+                # a parse error reaches one_line_errors rather than printing the whole usage
+                parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
                 args=args,
                 run=run,
             )

@@ -46,26 +46,49 @@ def code(name, prior, conditioned=False, **prior_args) -> tuple[str, dict]:
 
 
 # ---- configs ------------------------------------------------------------------------------------
+def only_line(err: str) -> str:
+    """A parse error is the whole of stderr: one line, not the parser's usage before it."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def test_unknown_config_key(mnist_dir, capsys):
     code_, err = run_cli(["fit", "--config", BASIC, "--trainer.max_epochz=3"], capsys)
-    assert code_ != 0 and "max_epochz" in err
+    assert code_ == 2 and only_line(err) == "error: unrecognized arguments: --trainer.max_epochz=3"
 
 
 def test_unknown_key_in_a_config_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  init_args:\n    learning_rate: 0.1\n")
     code_, err = run_cli(["fit", "--config", BASIC, "--config", str(bad)], capsys)
-    assert code_ != 0 and "learning_rate" in err
+    line = only_line(err)
+    assert code_ == 2 and '"model"' in line and "'learning_rate' is not accepted" in line
+
+
+def test_unknown_key_of_a_nested_class(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    codes:\n      y: {prior: {class_path: aae_lightning.CategoricalPrior, "
+                   "init_args: {num_classez: 3}}}\n")
+    code_, err = run_cli(["fit", "--config", BASIC, "--config", str(bad)], capsys)
+    assert code_ == 2 and "'num_classez' is not accepted" in only_line(err)
 
 
 def test_wrong_type(capsys):
     code_, err = run_cli(["fit", "--config", BASIC, "--trainer.max_epochs=many"], capsys)
-    assert code_ != 0 and "max_epochs" in err and "many" in err
+    line = only_line(err)
+    assert code_ == 2 and '"trainer.max_epochs"' in line and "int" in line and line.endswith("given 'many'")
+    assert "NoneType" not in line
 
 
 def test_missing_config_file(capsys):
     code_, err = run_cli(["fit", "--config", "no/such/config.yaml"], capsys)
-    assert code_ != 0 and "no/such/config.yaml" in err
+    assert code_ == 2 and "no/such/config.yaml" in only_line(err)
+
+
+def test_missing_subcommand(capsys):
+    code_, err = run_cli([], capsys)
+    assert code_ == 2 and "fit" in only_line(err)
 
 
 # ---- values the constructors refuse ---------------------------------------------------------------
