@@ -2,8 +2,8 @@
 
 import logging
 import sys
-from argparse import ArgumentError
 import warnings
+from argparse import ArgumentError
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -171,8 +171,8 @@ def parse_error_line(message: str) -> str:
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Bad input (a wrong config value, a missing or corrupt file or checkpoint, a NaN loss) ends
-    the process with its one-line message on stderr and exit status 2, not a traceback. Lightning's
+    """Bad input (a wrong config key or value, a missing or corrupt file or checkpoint, a NaN loss)
+    ends the process with its one-line message on stderr and exit status 2, not a traceback. Lightning's
     MisconfigurationException is its bad input: trainer settings this machine or run cannot take."""
     try:
         yield
