@@ -193,11 +193,9 @@ def main(argv: list[str]) -> None:
     the figures of a trained model on a DataModule's validation or test split, as PNG files,
     without training. Other arguments (``--data.data_dir=...``) go to the CLI as in ``fit``."""
     import argparse
-    import sys
 
-    from aae_lightning.checkpointing import CheckpointError, check_ckpt_path, check_matches, load_checkpoint
-    from aae_lightning.cli import cli_main
-    from aae_lightning.data import DataError
+    from aae_lightning.checkpointing import check_ckpt_path, check_matches, load_checkpoint
+    from aae_lightning.cli import cli_main, one_line_errors
     from aae_lightning.runs import checkpoint_run_directory
 
     parser = argparse.ArgumentParser(prog="python -m aae_lightning figures", description=main.__doc__)
@@ -209,16 +207,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0, help="of the prior samples")
     opts, cli_args = parser.parse_known_args(argv)
     cli = cli_main(cli_args, run=False)
-    try:
+    with one_line_errors():
         check_ckpt_path(opts.ckpt_path, "figures")
         checkpoint = load_checkpoint(opts.ckpt_path)
         check_matches(checkpoint, cli.model, opts.ckpt_path)
         cli.model.load_state_dict(checkpoint["state_dict"])
         cli.datamodule.setup("validate" if opts.split == "val" else "test")
         images, labels = cli.datamodule.splits[opts.split][:2]
-    except (CheckpointError, DataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     torch.manual_seed(opts.seed)
     outputs = encode_split(cli.model, images, labels)
     folder = Path(opts.output) if opts.output else checkpoint_run_directory(opts.ckpt_path) / "figures" / opts.split
