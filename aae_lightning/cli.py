@@ -1,6 +1,7 @@
 """``python -m aae_lightning fit|validate|test|predict --config FILE``: LightningCLI in omegaconf mode."""
 
 import logging
+import re
 import sys
 import warnings
 from argparse import ArgumentError
@@ -110,7 +111,11 @@ class AAECLI(LightningCLI):
             super().parse_arguments(parser, args)
         else:
             # a config that extends another is read as the chain of configs it names
-            self.config = parser.parse_args(expand_extends(sys.argv[1:] if args is None else list(args)))
+            argv = expand_extends(sys.argv[1:] if args is None else list(args))
+            try:
+                self.config = parser.parse_args(argv)
+            except ArgumentError as err:
+                raise ArgumentError(None, unknown_code_message(parser, argv, str(err)) or str(err)) from err
         # LightningCLI reads the checkpoint's hyperparameters right after parsing; refuse a bad
         # file here with one line instead of a traceback from torch.load
         subcommand = self.config.get("subcommand")
@@ -167,6 +172,31 @@ def parse_error_line(message: str) -> str:
     refusal = deepest.strip().removeprefix("- ")
     line = ": ".join(part for part in (lines[0].rstrip(":"), refusal) if part)
     return f"{line}, given {given!r}" if given and refusal.startswith("Expected") else line
+
+
+CODE_OVERRIDE = re.compile(r"--model\.(?:init_args\.)?codes\.([^.=]+)(\.[^=]*)?=")
+
+
+def unknown_code_message(parser, argv: list[str], message: str) -> str | None:
+    """The message for an override of a code the configs do not have (``--model.codes.y.prior.
+    num_classes=30`` where there is only z), or None. jsonargparse reads it as a new code whose
+    prior has no class, and refuses the option with "Option 'num_classes' is not accepted"."""
+    if "is not accepted" not in message:
+        return None
+    overrides = [(m.group(1), m.group(2) or "", arg) for arg in argv if (m := CODE_OVERRIDE.match(arg))]
+    # a code the override itself creates (its prior's class given) is not unknown
+    created = {name for name, key, _ in overrides if key in ("", ".prior", ".prior.class_path")}
+    try:
+        # the configs alone (--print_config would print them and exit)
+        config = parser.parse_args([arg for arg in argv if not CODE_OVERRIDE.match(arg) and not arg.startswith("--print_config")])
+    except ArgumentError:
+        return None
+    codes = config[config.subcommand].model.init_args.codes or {}
+    for name, _, arg in overrides:
+        if name not in codes and name not in created:
+            return (f"{arg} changes a code the config does not have (its codes: {', '.join(codes)}); a new code "
+                    f"needs its prior's class too, e.g. --model.codes.{name}.prior.class_path=aae_lightning.CategoricalPrior")
+    return None
 
 
 @contextmanager

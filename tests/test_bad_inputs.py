@@ -74,6 +74,19 @@ def test_unknown_key_of_a_nested_class(tmp_path, capsys):
     assert code_ == 2 and "'num_classez' is not accepted" in only_line(err)
 
 
+def test_override_of_a_code_the_config_lacks(capsys):
+    # basic.yaml has only z: jsonargparse alone would refuse "Option 'num_classes'" without naming y
+    for override in ("--model.codes.y.prior.num_classes=30", "--model.init_args.codes.y.prior.init_args.num_classes=30"):
+        code_, err = run_cli(["fit", "--config", BASIC, override, "--print_config"], capsys)
+        line = only_line(err)
+        assert code_ == 2 and line.startswith(f"error: {override} changes a code the config does not have (its codes: z)")
+        assert "--model.codes.y.prior.class_path=" in line
+    # a code the override creates with its prior's class is not unknown: the misspelt option is the error
+    code_, err = run_cli(["fit", "--config", BASIC, "--model.codes.y.prior.class_path=aae_lightning.CategoricalPrior",
+                          "--model.codes.y.prior.num_classez=30"], capsys)
+    assert code_ == 2 and "'num_classez' is not accepted" in only_line(err)
+
+
 def test_wrong_type(capsys):
     code_, err = run_cli(["fit", "--config", BASIC, "--trainer.max_epochs=many"], capsys)
     line = only_line(err)
