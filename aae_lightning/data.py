@@ -208,7 +208,8 @@ class ImageDataModule(L.LightningDataModule):
         if wanted in ("train", "val") and "train" not in self.splits:
             images, labels = self._to_tensors(*self.load_split(train=True))
             if self.val_size >= len(images):
-                raise ValueError(f"{type(self).__name__}: val_size={self.val_size} leaves no training data ({len(images)} images)")
+                raise ValueError(f"{type(self).__name__}: val_size={self.val_size} leaves no training data ({len(images)} images); "
+                                 f"give a --data.val_size below {len(images)}")
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
             self.source_index["val"], self.source_index["train"] = order[: self.val_size], order[self.val_size :]
             for split in ("train", "val"):

@@ -123,7 +123,7 @@ def test_invalid_codes(codes, message, tmp_path, mnist_dir, capsys):
     ("--model.lr=0", "lr must be > 0, got 0"),
     ("--model.lr_generator=-0.001", "lr_generator must be > 0"),
     ("--data.batch_size=0", "batch_size must be >= 1, got 0"),
-    ("--data.val_size=100000", "val_size=100000 leaves no training data"),
+    ("--data.val_size=100000", "val_size=100000 leaves no training data (600 images); give a --data.val_size below 600"),
     ("--data.num_labeled=55", "num_labeled must be a positive multiple of the 10 classes"),
     ("--data.num_labeled=1000", "num_labeled=1000 is larger than the training split (500 images)"),
 ])
