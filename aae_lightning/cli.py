@@ -191,7 +191,8 @@ def unknown_code_message(parser, argv: list[str], message: str) -> str | None:
         config = parser.parse_args([arg for arg in argv if not CODE_OVERRIDE.match(arg) and not arg.startswith("--print_config")])
     except ArgumentError:
         return None
-    codes = config[config.subcommand].model.init_args.codes or {}
+    subcommand = config.get("subcommand")
+    codes = (config[subcommand] if subcommand else config).get("model.init_args.codes") or {}
     for name, _, arg in overrides:
         if name not in codes and name not in created:
             return (f"{arg} changes a code the config does not have (its codes: {', '.join(codes)}); a new code "

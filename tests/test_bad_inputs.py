@@ -81,6 +81,10 @@ def test_override_of_a_code_the_config_lacks(capsys):
         line = only_line(err)
         assert code_ == 2 and line.startswith(f"error: {override} changes a code the config does not have (its codes: z)")
         assert "--model.codes.y.prior.class_path=" in line
+    # the benchmarks' parser has no subcommands
+    with pytest.raises(SystemExit):
+        cli_main(["--config", BASIC, "--model.codes.y.prior.num_classes=30"], run=False)
+    assert "changes a code the config does not have" in only_line(capsys.readouterr().err)
     # a code the override creates with its prior's class is not unknown: the misspelt option is the error
     code_, err = run_cli(["fit", "--config", BASIC, "--model.codes.y.prior.class_path=aae_lightning.CategoricalPrior",
                           "--model.codes.y.prior.num_classez=30"], capsys)
