@@ -3,6 +3,7 @@ load safely (no pickled code runs, a checkpoint of another config is named as su
 
 import os
 import pickle
+import re
 import signal
 import tempfile
 import threading
@@ -157,3 +158,21 @@ def check_matches(checkpoint: dict, model: torch.nn.Module, path: str | Path) ->
             f"{path} was written for a different config: {'; '.join(problems[:3])}{more}. "
             "Use the config the checkpoint was trained with."
         )
+
+
+def upgrade_hyperparameters(hparams: dict) -> dict:
+    """A checkpoint's saved hyperparameters in today's layout. Checkpoints written before the
+    training terms were named hold them as a list: each entry is named after its class in snake
+    case (``PairedMutualInformation``: ``paired_mutual_information``; a repeat gets a number)."""
+    terms = hparams.get("terms")
+    if not isinstance(terms, (list, tuple)):
+        return hparams
+    named: dict[str, dict] = {}
+    for term in terms:
+        base = re.sub(r"(?<!^)(?=[A-Z])", "_", term["class_path"].rsplit(".", 1)[-1]).lower()
+        name, n = base, 1
+        while name in named:
+            n += 1
+            name = f"{base}_{n}"
+        named[name] = term
+    return {**hparams, "terms": named}

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from aae_lightning.checkpointing import CheckpointError, check_ckpt_path, check_matches, find_last_checkpoint, load_checkpoint
+from aae_lightning.checkpointing import CheckpointError, check_ckpt_path, check_matches, find_last_checkpoint, load_checkpoint, upgrade_hyperparameters
 from aae_lightning.config_files import expand_extends
 from aae_lightning.data import DataError, ImageDataModule
 from aae_lightning.model import AdversarialAutoencoder, NonFiniteLossError
@@ -122,6 +122,23 @@ class AAECLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         check_ckpt_path(ckpt_path, subcommand)
         self._checkpoint = load_checkpoint(ckpt_path) if ckpt_path and ckpt_path != "last" else None
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's: the hyperparameters a checkpoint saved override the config's. It reads them
+        from the checkpoint ``parse_arguments`` loaded (weights only, once), upgraded to today's
+        layout, where Lightning would read the file again as it is."""
+        subcommand = self.config.get("subcommand")
+        hparams = upgrade_hyperparameters(dict((self._checkpoint or {}).get("hyper_parameters") or {}))
+        hparams.pop("_instantiator", None)
+        if not subcommand or not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     def _prepare_checkpoint(self) -> None:
         """Resolves ``--ckpt_path`` (``last``: the newest last.ckpt of earlier runs), checks the file

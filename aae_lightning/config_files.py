@@ -6,6 +6,13 @@ appends), but one config file cannot name another. So before parsing, ``--config
 whose file extends ``BASE`` (a path relative to the file; a list for several) becomes
 ``--config BASE --config <EXPERIMENT without the key>``, through any chain of bases. An experiment
 config then says only what makes the experiment.
+
+The model's named collections (``codes``, ``terms``) merge by name across the configs, whether
+chained by ``extends`` or given as several ``--config``: jsonargparse would take a later config's
+mapping whole, so a config that changes one code would silently drop the others. A later config
+changes the entries it names (jsonargparse merges each with the earlier one), keeps the others in
+their order, adds new ones at the end and drops those it sets to null; an empty mapping empties
+the collection.
 """
 
 from pathlib import Path
@@ -14,33 +21,74 @@ import yaml
 
 EXTENDS = "extends"
 CONFIG_FLAGS = ("--config", "-c")
+NAMED_COLLECTIONS = ("codes", "terms")
 
 
 def expand_extends(argv: list[str]) -> list[str]:
-    """``argv`` with every ``--config FILE`` that extends another config replaced by the chain."""
+    """``argv`` with every ``--config FILE`` that extends another config replaced by the chain, and
+    the named collections of each config merged by name with the earlier configs'."""
     out: list[str] = []
+    named: dict[str, dict] = {}  # each collection's entries as the configs so far leave them
     args = iter(argv)
     for arg in args:
         flag, eq, value = arg.partition("=")
-        if flag in CONFIG_FLAGS and eq:
-            out += _config_chain(value)
-        elif arg in CONFIG_FLAGS:
+        if flag in CONFIG_FLAGS and not eq:
             value = next(args, None)
-            out += [arg] if value is None else _config_chain(value)
-        else:
+            if value is None:
+                out.append(arg)
+                continue
+        elif flag not in CONFIG_FLAGS:
             out.append(arg)
+            continue
+        for config in _config_chain(value):
+            out += ["--config", _merge_named(config, named)]
     return out
 
 
-def _config_chain(value: str, extended_by: tuple[Path, ...] = ()) -> list[str]:
-    path = Path(value)
-    # a YAML string, a missing or unreadable file: the parser itself says what is wrong with it
+def _read(value: str):
+    """The config a ``--config`` value holds (a file or a YAML string), or None where it holds none:
+    a missing or unreadable file, bad YAML: the parser itself says what is wrong with it."""
     try:
-        config = yaml.safe_load(path.read_text()) if path.is_file() else None
+        return yaml.safe_load(Path(value).read_text() if _is_file(value) else value)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        config = None
+        return None
+
+
+def _is_file(value: str) -> bool:
+    try:
+        return Path(value).is_file()
+    except OSError:  # a YAML string too long for a file name
+        return False
+
+
+def _merge_named(value: str, named: dict[str, dict]) -> str:
+    """``value`` with each named collection it sets completed by the earlier configs' entries."""
+    config = _read(value)
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        return value
+    changed = False
+    for holder in (model, model.get("init_args")):
+        for key in NAMED_COLLECTIONS:
+            entries = holder.get(key) if isinstance(holder, dict) else None
+            if not isinstance(entries, dict):
+                continue
+            earlier = named.get(key, {}) if entries else {}
+            # the earlier entries keep their places (the codes' order is the decoder's input order)
+            merged = {name: entry for name, entry in (earlier | entries).items() if entry is not None}
+            named[key] = merged
+            if list(merged.items()) != list(entries.items()):
+                holder[key] = merged
+                changed = True
+    return yaml.safe_dump(config, sort_keys=False) if changed else value
+
+
+def _config_chain(value: str, extended_by: tuple[Path, ...] = ()) -> list[str]:
+    """The ``--config`` values ``value`` stands for: itself, or the chain of configs it extends."""
+    path = Path(value)
+    config = _read(value) if _is_file(value) else None
     if not isinstance(config, dict) or EXTENDS not in config:
-        return ["--config", value]
+        return [value]
     bases = config.pop(EXTENDS)
     bases = [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
@@ -56,4 +104,4 @@ def _config_chain(value: str, extended_by: tuple[Path, ...] = ()) -> list[str]:
         if not base_path.is_file():
             raise ValueError(f"{path} extends {base}, which is not a file (looked for {base_path})")
         chain += _config_chain(str(base_path), (*extended_by, here))
-    return chain + (["--config", yaml.safe_dump(config, sort_keys=False)] if config else [])
+    return chain + ([yaml.safe_dump(config, sort_keys=False)] if config else [])

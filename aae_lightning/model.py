@@ -1,6 +1,6 @@
 """The one LightningModule: an autoencoder whose latent codes are each matched to a prior adversarially."""
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Literal
@@ -62,9 +62,12 @@ class AdversarialAutoencoder(L.LightningModule):
             autoencoder whose noise is geometric, so the encoder must undo the map.
         cluster_code: the categorical code scored against the labels with purity, Hungarian
             accuracy, NMI and ARI; default the first code with a categorical prior.
-        terms: opt-in, beyond the paper: extra losses added to the generator phase, each a
+        terms: opt-in, beyond the paper: extra losses by name, each a
             :class:`~aae_lightning.terms.TrainingTerm` with its weight (balance, mutual
-            information, consistency under a perturbation). Empty: the paper's method.
+            information, consistency under a perturbation), added to the phase it names. Keyed
+            by name as the codes are: one flag or sweep parameter changes one term
+            (``--model.terms.contrast.weight=2``), and each logs ``train/terms/<name>``. Empty:
+            the paper's method.
         supervised_code: turns on the semi-supervised phase (paper sec. 5): after the
             regularization phase, cross-entropy between this categorical code's q(y|x) and the
             labels of a labelled batch (the DataModule's ``num_labeled`` images, or the labelled
@@ -101,7 +104,7 @@ class AdversarialAutoencoder(L.LightningModule):
         input_noise: float = 0.0,
         reconstruction_perturbation: Perturbation | None = None,
         cluster_code: str | None = None,
-        terms: Sequence[TrainingTerm] = (),
+        terms: Mapping[str, TrainingTerm] | None = None,
         supervised_code: str | None = None,
         lr_supervised: float = 1e-3,
         supervised_perturbation: Perturbation | None = None,
@@ -188,8 +191,18 @@ class AdversarialAutoencoder(L.LightningModule):
                              f"not one drawn against a code: {reconstruction_perturbation!r}")
         self.reconstruction_perturbation = reconstruction_perturbation
         self.cluster_code = cluster_code or (categorical[0] if categorical else None)
-        self.terms = list(terms)
-        for term in self.terms:
+        if terms is not None and not isinstance(terms, Mapping):
+            raise ValueError("AdversarialAutoencoder: terms are keyed by name, e.g. {'consistency': Consistency(...)} in Python or "
+                             f"'consistency: {{class_path: aae_lightning.Consistency, ...}}' in YAML; got {type(terms).__name__} {terms!r}")
+        self.terms = dict(terms or {})
+        for name, term in self.terms.items():
+            if not name.isidentifier():
+                raise ValueError(f"AdversarialAutoencoder: a term's name must be an identifier such as 'consistency', got {name!r}")
+            # what jsonargparse builds from a setting of a name the config lacks (a misspelling)
+            if type(term) is TrainingTerm:
+                others = ", ".join(n for n, t in self.terms.items() if type(t) is not TrainingTerm) or "none"
+                raise ValueError(f"AdversarialAutoencoder: term {name!r} has no class of its own (the other terms: {others}); "
+                                 f"a new term needs one, e.g. --model.terms.{name}.class_path=aae_lightning.Consistency")
             term.code = term.code or self.cluster_code
             if term.code not in categorical:
                 raise ValueError(f"AdversarialAutoencoder: {term!r} needs one of the inferred categorical codes {categorical}")
@@ -345,18 +358,11 @@ class AdversarialAutoencoder(L.LightningModule):
             losses.append(c.weight * F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit)))
         return torch.stack(losses).sum()
 
-    def term_names(self) -> list[str]:
-        """Each extra term's name, made unique among the terms."""
-        names: list[str] = []
-        for term in self.terms:
-            names.append(term.name if term.name not in names else f"{term.name}_{len(names)}")
-        return names
-
     def term_losses(self, x: torch.Tensor, codes: dict[str, torch.Tensor], phase: str) -> dict[str, tuple[float, torch.Tensor]]:
         """{name: (weight, unweighted loss)} of the extra terms that join ``phase``."""
         self._phase_codes = {}
         try:
-            return {name: (term.weight, term.loss(self, x, codes)) for name, term in zip(self.term_names(), self.terms)
+            return {name: (term.weight, term.loss(self, x, codes)) for name, term in self.terms.items()
                     if term.phase == phase and self.global_step >= term.start_step}
         finally:
             self._phase_codes = None
@@ -413,7 +419,7 @@ class AdversarialAutoencoder(L.LightningModule):
         strategy = self.trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, DDPStrategy):
             strategy._ddp_kwargs["find_unused_parameters"] = True
-        needing = [term for term in self.terms if term.needs_weight_average]
+        needing = [term for term in self.terms.values() if term.needs_weight_average]
         if stage == "fit" and needing and weight_average(self._trainer) is None:
             raise ValueError(f"{needing[0]!r} takes its targets from the weight average: add "
                              "aae_lightning.EMAWeights to trainer.callbacks")
@@ -502,7 +508,7 @@ class AdversarialAutoencoder(L.LightningModule):
         if "supervised" in losses:
             self.log("train/supervised_loss", losses["supervised"], on_step=True, on_epoch=True)
         if term_losses:
-            self.log_dict({f"train/{name}": value for name, (_, value) in term_losses.items()}, on_step=True, on_epoch=True)
+            self.log_dict({f"train/terms/{name}": value for name, (_, value) in term_losses.items()}, on_step=True, on_epoch=True)
 
     # The noise and prior draws come from torch's global generator: checkpoints keep its state so a
     # resumed run draws what the uninterrupted one would. It is put back when training starts, after

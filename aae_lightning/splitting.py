@@ -170,7 +170,7 @@ class ClusterSplit(L.Callback):
                 for value in optimizer.state.get(parameter, {}).values():
                     if torch.is_tensor(value) and value.shape == parameter.shape:
                         copy_slice(value, dim, offset + source, offset + target)
-        for term in pl_module.terms:
+        for term in pl_module.terms.values():
             term.forget()
         self.splits.append((step, source, target))
         pl_module.log("train/clusters_split", float(len(self.splits)), on_step=True, on_epoch=False)

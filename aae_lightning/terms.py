@@ -1,7 +1,7 @@
 """Training terms: extra losses on a categorical code, each with its own weight, added to the
 phase it names (the generator phase, the encoder's adversarial step, unless said otherwise). The
 module with no terms is the paper's method (but for its sec. 7 head cost, which is one too); a
-config turns one on with one list entry, and ``--print_config`` lists them."""
+config turns one on with one named entry, and ``--print_config`` lists them."""
 
 import math
 from typing import Literal
@@ -49,10 +49,6 @@ class TrainingTerm(SettingsRepr):
         self.weight = weight
         self.code = code
         self.start_step = start_step
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__.lower()
 
     @property
     def codes_read(self) -> list[str]:

@@ -165,7 +165,7 @@ def time_ours(data_dir: str, batch_size: int, steps: int, warmup: int, precision
     cli = cli_main(["--config", str(CONFIG), "--data=aae_lightning.FashionMNISTDataModule",
                     f"--data.data_dir={data_dir}", "--data.download=false", f"--data.batch_size={batch_size}", f"--data.val_size={val_size}",
                     f"--model.codes.y.prior.num_classes={K}", f"--model.codes.z.prior.dim={STYLE}", "--model.init_args.discriminator_noise=0",
-                    "--model.init_args.input_noise=0", "--model.init_args.terms=[]",
+                    "--model.init_args.input_noise=0", "--model.init_args.terms={}",
                     "--model.init_args.encoder=aae_lightning.nets.MLPEncoder",
                     f"--trainer.max_steps={3 * (steps + warmup)}", "--trainer.limit_val_batches=0",
                     "--trainer.num_sanity_val_steps=0", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",

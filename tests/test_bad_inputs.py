@@ -144,8 +144,8 @@ def test_batch_of_one_with_a_batch_normalised_encoder(mnist_dir, capsys):
 
 
 def test_pseudo_labels_from_the_weight_average_without_the_averaging_callback(mnist_dir, tmp_path, capsys):
-    terms = ("[{class_path: aae_lightning.SelfLabelling, init_args: {perturbation: {class_path: aae_lightning.RandomAffine}, "
-             "targets: weight_average}}]")
+    terms = ("{self_labelling: {class_path: aae_lightning.SelfLabelling, init_args: {perturbation: {class_path: aae_lightning.RandomAffine}, "
+             "targets: weight_average}}}")
     code_, err = run_cli(["fit", "--config", CLUSTERING, f"--data.data_dir={mnist_dir}", *QUICK, f"--model.init_args.terms={terms}",
                           "--trainer.logger=false", "--trainer.callbacks=[]", f"--trainer.default_root_dir={tmp_path}"], capsys)
     assert code_ == 2 and "takes its targets from the weight average: add aae_lightning.EMAWeights to trainer.callbacks" in error_line(err)

@@ -219,3 +219,22 @@ def test_a_finished_fit_leaves_its_final_weights_in_last_ckpt_when_the_metric_pe
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == cli.trainer.global_step and last["epoch"] == 3
     _assert_same_tensors(last["state_dict"], cli.model.state_dict(), "state_dict")
+
+
+def test_a_checkpoint_from_before_the_terms_were_named_still_validates(mnist_dir, tmp_path):
+    """Checkpoints written before the terms were keyed by name saved them as a list; the CLI reads
+    them as a mapping, each named after its class."""
+    args = ["--config", str(CONFIGS / "clustering.yaml"), f"--data.data_dir={mnist_dir}", "--data.download=false", "--data.val_size=100",
+            "--trainer.limit_val_batches=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.figures_every_n_epochs=0"]
+    cli_main(["fit", *args, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.num_sanity_val_steps=0",
+              f"--trainer.default_root_dir={tmp_path}"])
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = checkpoint["hyper_parameters"]["terms"]
+    assert list(saved) == ["mutual_information", "consistency", "paired", "self_labelling", "contrast", "neighbours"]
+    checkpoint["hyper_parameters"]["terms"] = [*saved.values(), saved["consistency"]]  # the old layout, a class twice
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    cli = cli_main(["validate", *args, "--ckpt_path", str(tmp_path / "old.ckpt")])
+    assert list(cli.model.terms) == ["mutual_information", "consistency", "paired_mutual_information", "self_labelling",
+                                     "instance_contrast", "neighbour_agreement", "consistency_2"]
+    assert cli.model.terms["neighbour_agreement"].weight == 3.0 and "val/purity" in cli.trainer.callback_metrics

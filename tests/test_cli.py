@@ -97,6 +97,17 @@ def test_one_flag_changes_one_code_and_the_model_follows(mnist_dir):
     assert model.discriminators["y"].net[0].in_features == 30 and model.cluster_metrics["val"].table["val/purity"].num_clusters == 30
 
 
+def test_one_flag_changes_one_term_by_name(mnist_dir):
+    cli = cli_main(["--config", str(CONFIGS / "clustering.yaml"), f"--data.data_dir={mnist_dir}", "--data.download=false",
+                    "--model.terms.contrast.weight=2", "--model.init_args.terms.neighbours.init_args.start_step=10",
+                    "--trainer.logger=false"], run=False)
+    terms = cli.model.terms
+    assert list(terms) == ["mutual_information", "consistency", "paired", "self_labelling", "contrast", "neighbours"]
+    # the flags change one setting each; the rest is the config's
+    assert (terms["contrast"].weight, terms["contrast"].temperature) == (2.0, 0.2)
+    assert (terms["neighbours"].start_step, terms["neighbours"].weight) == (10, 3.0)
+
+
 def test_precision_is_chosen_at_start_up_and_a_config_forces_either(mnist_dir, caplog):
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -165,6 +176,8 @@ def test_clustering_run_records_metrics_and_images_in_wandb(mnist_dir, offline_w
         assert key in run.summary, key
         assert 0 <= run.summary[key] <= (16 if key == "val/clusters_used" else 1)
     keys = {k for row in run.history for k in row}
+    # each training term's loss under its name in the config
+    assert {"train/terms/consistency_epoch", "train/terms/contrast_epoch"} <= keys, sorted(keys)
     media = {str(p.relative_to(run.dir / "files" / "media" / "images")).rsplit("_", 2)[0] for p in run.media()}
     for image in ("latent/z", "latent/cluster_sizes", "clusters/grid", "samples/prior"):
         assert f"{image}/_type" in keys and image in media, image

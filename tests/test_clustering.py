@@ -8,7 +8,7 @@ from conftest import BLOBS_NOT_STROKES, CONFIGS, ONLY_THE_WEIGHT_AVERAGE, write_
 QUIET = ["--data.download=false", "--data.val_size=500", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
          *ONLY_THE_WEIGHT_AVERAGE, "--trainer.enable_checkpointing=false", "--model.init_args.figures_every_n_epochs=0"]
 # the paper's method alone: its plain MLP encoder, no extra training terms, the digits as they are
-PAPER = ["--model.init_args.terms=[]", "--model.init_args.encoder=aae_lightning.nets.MLPEncoder", "--data.init_args.transform=null"]
+PAPER = ["--model.init_args.terms={}", "--model.init_args.encoder=aae_lightning.nets.MLPEncoder", "--data.init_args.transform=null"]
 
 
 @pytest.fixture(scope="module")

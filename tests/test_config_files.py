@@ -1,7 +1,9 @@
 """Experiment configs that extend another config (``extends: BASE.yaml``)."""
 
+import pytest
 import yaml
 
+from aae_lightning.cli import cli_main
 from aae_lightning.config_files import expand_extends
 from conftest import CONFIGS
 from test_bad_inputs import run_cli
@@ -39,15 +41,14 @@ def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys)
     assert merge["class_path"] == "aae_lightning.MergedClusters" and merge["init_args"]["num_clusters"] == 10
     assert k10 == k16
     # two self-labelled copies a step, one term with two distinct maps
-    (self_labelling,) = [t["init_args"] for t in k16["model"]["init_args"]["terms"] if t["class_path"] == "aae_lightning.SelfLabelling"]
+    self_labelling = k16["model"]["init_args"]["terms"]["self_labelling"]["init_args"]
     assert [m["class_path"] for m in self_labelling["perturbation"]] == ["aae_lightning.RandomAffine", "aae_lightning.RandomElastic"]
 
     k30 = resolved_config(CONFIGS / "clustering_30.yaml", capsys)
     assert k30["model"]["init_args"]["codes"]["y"]["init_args"]["prior"]["init_args"]["num_classes"] == 30
     k30["model"]["init_args"]["codes"]["y"]["init_args"]["prior"]["init_args"]["num_classes"] = 16
     terms = k30["model"]["init_args"]["terms"]
-    self_labelling = next(t["init_args"] for t in terms if t["class_path"] == "aae_lightning.SelfLabelling")
-    contrast = next(t["init_args"] for t in terms if t["class_path"] == "aae_lightning.InstanceContrast")
+    self_labelling, contrast = terms["self_labelling"]["init_args"], terms["contrast"]["init_args"]
     assert self_labelling["targets"] == "codes" and contrast["temperature"] == 0.5
     self_labelling["targets"] = "weight_average"
     contrast["temperature"] = 0.2
@@ -57,8 +58,7 @@ def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys)
     assert (k16_map["degrees"], k16_map["scale"], k16_map["max_shift"]) == (10, [0.9, 1.1], 2)
     k30["model"]["init_args"]["reconstruction_perturbation"] = k16["model"]["init_args"]["reconstruction_perturbation"]
     # the invariance terms' map: stronger than K = 16's, one map for the three (so one shared copy)
-    invariance = ("aae_lightning.Consistency", "aae_lightning.PairedMutualInformation", "aae_lightning.InstanceContrast")
-    k30_maps, k16_maps = ([t["init_args"]["perturbation"] for t in c["model"]["init_args"]["terms"] if t["class_path"] in invariance]
+    k30_maps, k16_maps = ([c["model"]["init_args"]["terms"][name]["init_args"]["perturbation"] for name in ("consistency", "paired", "contrast")]
                           for c in (k30, k16))
     assert len(k30_maps) == 3 and all(m == k30_maps[0] for m in k30_maps)
     assert all(m == k16_maps[0] for m in k16_maps)
@@ -74,18 +74,45 @@ def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys)
     assert labels1000["data"]["init_args"].pop("num_labeled") == 1000 and labels100["data"]["init_args"].pop("num_labeled") == 100
     assert labels1000["trainer"].pop("precision") == "32-true" and labels100["trainer"].pop("precision") is None
     # 100 labels self-label a second copy, under the affine map alone
-    self_labelling = labels100["model"]["init_args"]["terms"][3]["init_args"]
+    self_labelling = labels100["model"]["init_args"]["terms"]["self_labelling"]["init_args"]
     elastic, affine = self_labelling["perturbation"]
     assert affine["class_path"] == "aae_lightning.RandomAffine"
     self_labelling["perturbation"] = elastic
     maps = [labels1000["model"]["init_args"]["supervised_perturbation"],
-            labels1000["model"]["init_args"]["terms"][3]["init_args"]["perturbation"]]
+            labels1000["model"]["init_args"]["terms"]["self_labelling"]["init_args"]["perturbation"]]
     assert [m["class_path"] for m in maps] == ["aae_lightning.RandomAffine"] * 2
     assert [m["init_args"]["stroke"] for m in maps] == [0.0, 0.0]
     for m in maps:  # the elastic field's own settings on top of the affine map's, and the 100 labels' pen width
         m["class_path"] = "aae_lightning.RandomElastic"
         m["init_args"].update({"alpha": 34.0, "sigma": 5.0, "stroke": 0.5})
     assert labels1000 == labels100
+
+
+def test_configs_merge_the_codes_and_terms_by_name(tmp_path, capsys):
+    k16 = resolved_config(CONFIGS / "clustering.yaml", capsys)["model"]["init_args"]
+    experiment = write(tmp_path / "k.yaml", {"extends": str(CONFIGS / "clustering.yaml"), "model": {"init_args": {
+        "codes": {"y": {"prior": {"init_args": {"num_classes": 12}}},
+                  "w": {"prior": {"class_path": "aae_lightning.GaussianPrior", "init_args": {"dim": 2}}}},
+        "terms": {"contrast": None, "consistency": {"init_args": {"weight": 2.0}}}}}})
+    printed = resolved_config(experiment, capsys)["model"]["init_args"]
+    codes, terms = printed["codes"], printed["terms"]
+    # a code or term not named keeps its place and settings (the codes' order is the decoder's
+    # input); a new one comes last; one set to null leaves
+    assert list(codes) == ["y", "z", "w"] and codes["z"] == k16["codes"]["z"]
+    assert codes["y"]["init_args"]["prior"] == {"class_path": "aae_lightning.CategoricalPrior", "init_args": {"num_classes": 12}}
+    assert list(terms) == [name for name in k16["terms"] if name != "contrast"]
+    assert terms["consistency"]["init_args"] == k16["terms"]["consistency"]["init_args"] | {"weight": 2.0}
+    assert all(terms[name] == k16["terms"][name] for name in terms if name != "consistency")
+
+    # several --config flags merge the same way, and an empty mapping empties the collection
+    write(tmp_path / "no_terms.yaml", {"model": {"init_args": {"terms": {}}}})
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(CONFIGS / "clustering.yaml"), "--config", str(experiment), "--print_config"])
+    assert list(yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["terms"]) == list(terms)
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(experiment), "--config", str(tmp_path / "no_terms.yaml"), "--print_config"])
+    assert not yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["terms"]
 
 
 def test_a_loop_or_a_missing_base_ends_in_one_line(tmp_path, capsys):

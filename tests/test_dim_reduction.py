@@ -13,14 +13,14 @@ from conftest import BLOBS_NOT_STROKES, CONFIGS
 DIM_CONFIGS = sorted(CONFIGS.glob("dim_reduction*.yaml"))
 
 
-def model(k: int = 3, n: int = 2, terms=(), **head) -> AdversarialAutoencoder:
+def model(k: int = 3, n: int = 2, terms=None, **head) -> AdversarialAutoencoder:
     codes = {"y": LatentCode(CategoricalPrior(k), added_to="z", **head), "z": LatentCode(GaussianPrior(n))}
-    return AdversarialAutoencoder(codes, terms=list(terms))
+    return AdversarialAutoencoder(codes, terms=terms)
 
 
 def test_head_cost_is_zero_for_far_heads_and_positive_for_close_ones():
     term = HeadSeparation(threshold=2.0)
-    m = model(terms=[term])
+    m = model(terms={"head_separation": term})
     with torch.no_grad():
         m.heads["y"].copy_(torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]]))
     assert term.loss(m, None, None).item() == 0
@@ -60,7 +60,7 @@ def test_fixed_heads_need_codes_of_one_size():
 
 def test_head_cost_needs_heads():
     with pytest.raises(ValueError, match="needs cluster heads"):
-        AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(3)), "z": LatentCode(GaussianPrior(2))}, terms=[HeadSeparation(1.0)])
+        AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(3)), "z": LatentCode(GaussianPrior(2))}, terms={"head_separation": HeadSeparation(1.0)})
 
 
 def test_added_to_must_name_another_code():
@@ -80,7 +80,7 @@ def test_short_fit_separates_classes_in_the_2d_map(mnist_dir, offline_wandb):
                     *BLOBS_NOT_STROKES,
                     "--data.val_size=100", "--trainer.max_epochs=8", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
                     "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--model.init_args.figures_every_n_epochs=0"], run=False)
-    head_cost = next(t for t in cli.model.terms if isinstance(t, HeadSeparation))
+    head_cost = cli.model.terms["head_separation"]
     before = head_cost.loss(cli.model, None, None).item()
     cli.trainer.fit(cli.model, cli.datamodule)
     images, labels = cli.datamodule.splits["val"]

@@ -72,7 +72,7 @@ def test_cluster_split_gives_the_empty_cluster_the_half_of_a_two_class_cluster(t
     model = AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(10)), "z": LatentCode(GaussianPrior(2))}, discriminator_hidden=(8,),
                                    encoder=lambda shape, out_dim: clusters_by_class(means, out_dim, cluster_of), lr=1e-8,
                                    lr_discriminator=1e-8, lr_generator=1e-8, figures_every_n_epochs=0,
-                                   terms=[NeighbourAgreement(neighbours=2, memory_size=50)])
+                                   terms={"neighbours": NeighbourAgreement(neighbours=2, memory_size=50)})
     split = ClusterSplit(start_step=0, every_n_steps=3)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=3,
                         callbacks=[EMAWeights(batch_norm_batches=0), split])
@@ -91,7 +91,7 @@ def test_cluster_split_gives_the_empty_cluster_the_half_of_a_two_class_cluster(t
         moments = trainer.optimizers[0].state[parameter]["exp_avg"]
         assert torch.equal(moments.select(dim, 1), moments.select(dim, 0))
     # the neighbour term's memory held cluster 0 for the moved images: it starts again
-    assert model.terms[0]._memory is None
+    assert model.terms["neighbours"]._memory is None
 
 
 def test_cluster_split_leaves_a_model_whose_clusters_are_all_in_use_alone(tmp_path):

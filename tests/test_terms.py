@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from aae_lightning import (AdversarialAutoencoder, Balance, CategoricalPrior, CategoryRecovery, Consistency, EMAWeights, GaussianPrior, InstanceContrast,
-                           InterpolationConsistency, LatentCode, MutualInformation, NeighbourAgreement, PairedMutualInformation, RandomAffine, RandomElastic, RandomShift, SelfLabelling,
+                           InterpolationConsistency, LatentCode, MutualInformation, NeighbourAgreement, PairedMutualInformation, RandomAffine, RandomElastic, RandomShift, SelfLabelling, TrainingTerm,
                            VirtualAdversarial)
 from aae_lightning.data import TensorBatches
 from aae_lightning.perturbations import Perturbation
 
 
-def model_with(*terms, k=4):
+def model_with(*terms, k=4, **named):
+    """A small model with ``terms`` (each named after its class) and the ``named`` ones."""
+    terms = {type(term).__name__.lower(): term for term in terms} | named
     return AdversarialAutoencoder({"y": LatentCode(CategoricalPrior(k)), "z": LatentCode(GaussianPrior(2))},
-                                  terms=list(terms), discriminator_hidden=(8,))
+                                  terms=terms, discriminator_hidden=(8,))
 
 
 def square_batch(n=16):
@@ -103,7 +105,7 @@ def test_paired_mutual_information_wants_confident_balanced_agreeing_pairs():
     model = model_with(PairedMutualInformation(RandomShift(2)))
     codes = model.encode(x)
     clean = codes["y"].detach().requires_grad_(True)
-    model.terms[0].loss(model, x, {**codes, "y": clean}).backward()
+    model.terms["pairedmutualinformation"].loss(model, x, {**codes, "y": clean}).backward()
     assert clean.grad.abs().sum() > 0 and model.encoder[-1][-1].weight.grad.abs().sum() > 0
 
 
@@ -125,14 +127,14 @@ def test_terms_with_equal_perturbations_share_one_copy_and_encoder_pass_per_phas
     assert len(passes) == 6  # the next phase draws afresh
     # outside a phase nothing is kept: two calls, two copies
     for _ in range(2):
-        model.terms[0].loss(model, x, model.encode(x))
+        model.terms["consistency"].loss(model, x, model.encode(x))
     assert len(passes) == 10
 
 
 def test_a_random_copy_serves_every_code_and_an_adversarial_one_only_its_own():
     torch.manual_seed(0)
     codes = {"y": LatentCode(CategoricalPrior(4)), "o": LatentCode(CategoricalPrior(6)), "z": LatentCode(GaussianPrior(2))}
-    terms = [Consistency(RandomAffine(), code="y"), Consistency(RandomAffine(), code="o")]
+    terms = {"y_consistency": Consistency(RandomAffine(), code="y"), "o_consistency": Consistency(RandomAffine(), code="o")}
     model = AdversarialAutoencoder(codes, terms=terms, discriminator_hidden=(8,))
     passes = []
     model.encoder.register_forward_hook(lambda module, inputs, output: passes.append(inputs[0]))
@@ -140,7 +142,7 @@ def test_a_random_copy_serves_every_code_and_an_adversarial_one_only_its_own():
     model.term_losses(x, model.encode(x), "generator")
     assert len(passes) == 2  # the clean batch and one copy for both codes
     # a virtual adversarial direction is the one that changes its own code most: one draw per code
-    for term in model.terms:
+    for term in model.terms.values():
         term.perturbation = VirtualAdversarial(radius=1.0, neighbour=None)
     passes.clear()
     model.term_losses(x, model.encode(x), "generator")
@@ -262,8 +264,8 @@ def test_self_labelling_can_take_its_targets_from_the_weight_average():
 
 def test_terms_reading_the_weight_average_share_one_pass_of_it_per_phase():
     torch.manual_seed(0)
-    model = model_with(SelfLabelling(RandomAffine(), targets="weight_average"),
-                       SelfLabelling(RandomElastic(), targets="weight_average"))
+    model = model_with(affine=SelfLabelling(RandomAffine(), targets="weight_average"),
+                       elastic=SelfLabelling(RandomElastic(), targets="weight_average"))
     averaging = with_weight_average(model)
     passes = []
     averaging.averaged_module.encoder.register_forward_hook(lambda module, inputs, output: passes.append(inputs[0]))
@@ -273,7 +275,7 @@ def test_terms_reading_the_weight_average_share_one_pass_of_it_per_phase():
     model.term_losses(x, model.encode(x), "generator")
     assert len(passes) == 2  # the next phase reads the average afresh: it moves every step
     # outside a phase nothing is kept
-    for term in model.terms:
+    for term in model.terms.values():
         term.loss(model, x, model.encode(x))
     assert len(passes) == 4
 
@@ -391,9 +393,21 @@ def test_a_term_joins_training_at_its_start_step():
         Balance(start_step=-1)
 
 
+def test_terms_are_keyed_by_name():
+    codes = {"y": LatentCode(CategoricalPrior(4))}
+    with pytest.raises(ValueError, match=r"terms are keyed by name, e.g. \{'consistency': Consistency\(...\)\}.*got list"):
+        AdversarialAutoencoder(codes, terms=[Balance()], discriminator_hidden=(8,))
+    with pytest.raises(ValueError, match="a term's name must be an identifier such as 'consistency', got 'two words'"):
+        AdversarialAutoencoder(codes, terms={"two words": Balance()}, discriminator_hidden=(8,))
+    # a setting of a name the config lacks builds the base class, whose loss is not written
+    with pytest.raises(ValueError, match=r"term 'contrst' has no class of its own \(the other terms: balance\); a new term needs one, "
+                                         r"e.g. --model.terms.contrst.class_path=aae_lightning.Consistency"):
+        AdversarialAutoencoder(codes, terms={"balance": Balance(), "contrst": TrainingTerm(weight=2)}, discriminator_hidden=(8,))
+
+
 def test_terms_need_a_categorical_code():
     with pytest.raises(ValueError, match="needs one of the inferred categorical codes"):
-        AdversarialAutoencoder({"z": LatentCode(GaussianPrior(2))}, terms=[Balance()], discriminator_hidden=(8,))
+        AdversarialAutoencoder({"z": LatentCode(GaussianPrior(2))}, terms={"balance": Balance()}, discriminator_hidden=(8,))
     with pytest.raises(ValueError, match="weight must be >= 0"):
         Balance(weight=-1)
 
