@@ -33,6 +33,12 @@ def test_sweep_files_validate_and_their_commands_parse(path, capsys, monkeypatch
         for part in key.split("."):
             node = node[part]
         assert node == value["value"] or isinstance(value["value"], str), key
+    # a trial is its config with some settings changed: every code and term of the config stays
+    with pytest.raises(SystemExit):
+        cli_main([arg for arg in command[4:] if arg.startswith("--config") or not arg.startswith("--")] + ["--print_config"])
+    base = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    for collection in ("codes", "terms"):
+        assert list(printed["model"]["init_args"][collection] or {}) == list(base[collection] or {}), collection
 
 
 def test_invalid_sweep_yaml_gets_the_schema_errors_in_one_line(tmp_path, capsys):
