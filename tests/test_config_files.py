@@ -1,4 +1,4 @@
-"""Experiment configs that extend another config (``extends: BASE.yaml``)."""
+"""Experiment configs that extend another config (``extends: BASE.yaml``), and codes and terms merged by name across configs."""
 
 import pytest
 import yaml
