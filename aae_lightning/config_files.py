@@ -40,8 +40,8 @@ def expand_extends(argv: list[str]) -> list[str]:
         elif flag not in CONFIG_FLAGS:
             out.append(arg)
             continue
-        for config in _config_chain(value):
-            out += ["--config", _merge_named(config, named)]
+        for config_value, config in _config_chain(value):
+            out += ["--config", _merge_named(config_value, config, named)]
     return out
 
 
@@ -61,9 +61,9 @@ def _is_file(value: str) -> bool:
         return False
 
 
-def _merge_named(value: str, named: dict[str, dict]) -> str:
-    """``value`` with each named collection it sets completed by the earlier configs' entries."""
-    config = _read(value)
+def _merge_named(value: str, config, named: dict[str, dict]) -> str:
+    """``value`` (holding ``config``) with each named collection it sets completed by the earlier
+    configs' entries."""
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict):
         return value
@@ -83,12 +83,13 @@ def _merge_named(value: str, named: dict[str, dict]) -> str:
     return yaml.safe_dump(config, sort_keys=False) if changed else value
 
 
-def _config_chain(value: str, extended_by: tuple[Path, ...] = ()) -> list[str]:
-    """The ``--config`` values ``value`` stands for: itself, or the chain of configs it extends."""
+def _config_chain(value: str, extended_by: tuple[Path, ...] = ()) -> list[tuple[str, object]]:
+    """The ``--config`` values ``value`` stands for, each with the config it holds (read once):
+    itself, or the chain of configs its file extends."""
     path = Path(value)
-    config = _read(value) if _is_file(value) else None
-    if not isinstance(config, dict) or EXTENDS not in config:
-        return [value]
+    config = _read(value)
+    if not isinstance(config, dict) or EXTENDS not in config or not _is_file(value):
+        return [(value, config)]
     bases = config.pop(EXTENDS)
     bases = [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
@@ -98,10 +99,10 @@ def _config_chain(value: str, extended_by: tuple[Path, ...] = ()) -> list[str]:
     if here in extended_by:
         loop = " -> ".join(p.name for p in (*extended_by, here))
         raise ValueError(f"{path}: the configs extend each other in a loop ({loop})")
-    chain: list[str] = []
+    chain: list[tuple[str, object]] = []
     for base in bases:
         base_path = path.parent / base
         if not base_path.is_file():
             raise ValueError(f"{path} extends {base}, which is not a file (looked for {base_path})")
         chain += _config_chain(str(base_path), (*extended_by, here))
-    return chain + ([yaml.safe_dump(config, sort_keys=False)] if config else [])
+    return chain + ([(yaml.safe_dump(config, sort_keys=False), config)] if config else [])
