@@ -12,9 +12,11 @@ chained by ``extends`` or given as several ``--config``: jsonargparse would take
 mapping whole, so a config that changes one code would silently drop the others. A later config
 changes the entries it names (jsonargparse merges each with the earlier one), keeps the others in
 their order, adds new ones at the end and drops those it sets to null; an empty mapping empties
-the collection.
+the collection. On the command line ``--model.terms.NAME=null`` drops one the same way (jsonargparse
+alone reads the null as a class path).
 """
 
+import re
 from pathlib import Path
 
 import yaml
@@ -22,27 +24,50 @@ import yaml
 EXTENDS = "extends"
 CONFIG_FLAGS = ("--config", "-c")
 NAMED_COLLECTIONS = ("codes", "terms")
+DROP_FLAG = re.compile(r"--model\.(init_args\.)?(codes|terms)\.(\w+)")
 
 
 def expand_extends(argv: list[str]) -> list[str]:
-    """``argv`` with every ``--config FILE`` that extends another config replaced by the chain, and
-    the named collections of each config merged by name with the earlier configs'."""
+    """``argv`` with every ``--config FILE`` that extends another config replaced by the chain, the
+    named collections of each config merged by name with the earlier configs', and each
+    ``--model.terms.NAME=null`` (or a code's) made a config that drops the entry."""
     out: list[str] = []
     named: dict[str, dict] = {}  # each collection's entries as the configs so far leave them
-    args = iter(argv)
-    for arg in args:
-        flag, eq, value = arg.partition("=")
-        if flag in CONFIG_FLAGS and not eq:
-            value = next(args, None)
-            if value is None:
-                out.append(arg)
-                continue
-        elif flag not in CONFIG_FLAGS:
-            out.append(arg)
+    # where in ``out`` the last config that set each collection ends: a drop goes there, so the
+    # flags after that config still apply
+    ends: dict[str, int] = {}
+    i = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else None
+        drop = DROP_FLAG.fullmatch(flag)
+        if drop and value == "null":
+            key = drop.group(2)
+            at = ends.get(key, 0)
+            out[at:at] = ["--config", _merge_named("", _dropping(drop, named, f"{flag}={value}"), named)]
+            ends = {k: end + 2 if end > at else end for k, end in ends.items()} | {key: at + 2}
+        elif flag in CONFIG_FLAGS and value is not None:
+            for config_value, config in _config_chain(value):
+                before = dict(named)
+                out += ["--config", _merge_named(config_value, config, named)]
+                ends |= {key: len(out) for key in named if named[key] is not before.get(key)}
+        else:
+            out.append(argv[i])
+            i += 1
             continue
-        for config_value, config in _config_chain(value):
-            out += ["--config", _merge_named(config_value, config, named)]
+        i += 1 if eq else 2
     return out
+
+
+def _dropping(drop: re.Match, named: dict[str, dict], given: str) -> dict:
+    """The config that drops the code or term ``--model.{codes,terms}.NAME=null`` names."""
+    init_args, key, name = drop.groups()
+    if name not in named.get(key, {}):
+        have = ", ".join(named.get(key, {})) or "none"
+        raise ValueError(f"{given} drops a {key[:-1]} the configs do not have (their {key}: {have})")
+    entries = {key: {name: None}}
+    return {"model": {"init_args": entries} if init_args else entries}
 
 
 def _read(value: str):

@@ -115,6 +115,25 @@ def test_configs_merge_the_codes_and_terms_by_name(tmp_path, capsys):
     assert not yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["terms"]
 
 
+def test_a_null_flag_drops_a_code_or_term_and_keeps_the_other_flags(capsys):
+    k30 = resolved_config(CONFIGS / "clustering_30.yaml", capsys)["model"]["init_args"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(CONFIGS / "clustering_30.yaml"), "--model.terms.paired.init_args.weight=3",
+                  "--model.terms.contrast=null", "--model.init_args.codes.z", "null",
+                  "--model.terms.neighbours.init_args.weight=5", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert list(printed["terms"]) == [name for name in k30["terms"] if name != "contrast"] and list(printed["codes"]) == ["y"]
+    # the flags on either side of the drop still apply, and the rest is the config's
+    assert printed["terms"]["paired"]["init_args"]["weight"] == 3 and printed["terms"]["neighbours"]["init_args"]["weight"] == 5
+    assert printed["codes"]["y"] == k30["codes"]["y"] and printed["terms"]["consistency"] == k30["terms"]["consistency"]
+
+    code, err = run_cli(["fit", "--config", str(CONFIGS / "clustering.yaml"), "--model.terms.contrst=null"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "error: --model.terms.contrst=null drops a term the configs do not have (their terms: mutual_information, "
+        "consistency, paired, self_labelling, contrast, neighbours)")
+
+
 def test_a_loop_or_a_missing_base_ends_in_one_line(tmp_path, capsys):
     write(tmp_path / "a.yaml", {"extends": "b.yaml"})
     write(tmp_path / "b.yaml", {"extends": ["a.yaml"]})
