@@ -13,7 +13,7 @@ from aae_lightning.predictions import PredictionWriter
 from aae_lightning.priors import CategoricalPrior, GaussianMixturePrior, GaussianPrior, Prior, SwissRollPrior
 from aae_lightning.runs import RunSummary
 from aae_lightning.splitting import ClusterSplit
-from aae_lightning.transforms import Deskew, ImageTransform, PenWidth
+from aae_lightning.transforms import Deskew, ImageTransform, LoopFill, PenWidth
 from aae_lightning.terms import Balance, CategoryRecovery, Consistency, HeadSeparation, InstanceContrast, InterpolationConsistency, MutualInformation, NeighbourAgreement, PairedMutualInformation, SelfLabelling, TrainingTerm
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "InterruptCheckpoint",
     "LatentCode",
     "LatentPlot",
+    "LoopFill",
     "MergedClusters",
     "MNISTDataModule",
     "MutualInformation",
