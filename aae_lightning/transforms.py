@@ -1,6 +1,7 @@
 """Deterministic image transforms that a DataModule applies once to every split as it loads it
-(``transform:`` in the data config): label-free normalisations of the images themselves, unlike
-the random perturbations (``perturbations.py``) that the training terms draw at every step."""
+(``transform:`` in the data config): label-free normalisations and markings of the images
+themselves, unlike the random perturbations (``perturbations.py``) that the training terms draw at
+every step."""
 
 import torch
 import torch.nn.functional as F
