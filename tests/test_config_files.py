@@ -67,6 +67,11 @@ def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys)
     assert (default["degrees"], default["scale"], default["shear"], default["max_shift"]) == (15, [0.9, 1.1], 0, 3)
     for m in k30_maps:
         m["init_args"] = dict(default)
+    # the load transforms: K = 16's without LoopFill
+    k16_transforms = k16["data"]["init_args"]["transform"]
+    assert [t["class_path"] for t in k16_transforms] == ["aae_lightning.Deskew", "aae_lightning.PenWidth", "aae_lightning.LoopFill"]
+    assert k30["data"]["init_args"]["transform"] == k16_transforms[:2]
+    k30["data"]["init_args"]["transform"] = k16_transforms
     assert k30 == k16
 
     labels100 = resolved_config(CONFIGS / "semi_supervised_mnist_100.yaml", capsys)
