@@ -62,24 +62,30 @@ def test_pen_width_rejects_a_width_that_is_not_positive():
         PenWidth(width=0)
 
 
+def draw_ring(image, top, left, bottom, right, ink=1.0):
+    """A one-pixel square outline with corners (top, left) and (bottom, right), both included."""
+    image[0, top:bottom + 1, left] = image[0, top:bottom + 1, right] = ink
+    image[0, top, left:right + 1] = image[0, bottom, left:right + 1] = ink
+
+
 def test_loop_fill_paints_what_the_ink_encloses_and_nothing_else():
     images = torch.zeros(5, 1, 28, 28)
     # 0: a closed square ring; 1: the ring with a one-pixel gap in its top (a 4 or 9 left open);
     # 2: two rings one above the other (an 8); 3: a ring whose corner is closed only diagonally;
     # 4: a ring of ink at 0.2, under the threshold, which is background
     for i in (0, 1, 3):
-        images[i, 0, 8:20, 8] = images[i, 0, 8:20, 19] = images[i, 0, 8, 8:20] = images[i, 0, 19, 8:20] = 1.0
+        draw_ring(images[i], 8, 8, 19, 19)
     images[1, 0, 8, 13] = 0.0
     images[3, 0, 8, 8] = 0.0
     for top in (4, 14):
-        images[2, 0, top:top + 10, 10] = images[2, 0, top:top + 10, 17] = images[2, 0, top, 10:18] = images[2, 0, top + 9, 10:18] = 1.0
-    images[4, 0, 8:20, 8] = images[4, 0, 8:20, 19] = images[4, 0, 8, 8:20] = images[4, 0, 19, 8:20] = 0.2
+        draw_ring(images[2], top, 10, top + 9, 17)
+    draw_ring(images[4], 8, 8, 19, 19, ink=0.2)
     filled = LoopFill(value=0.3, threshold=0.3)(images)
     painted = filled != images
     assert torch.equal(painted[0, 0, 9:19, 9:19], torch.ones(10, 10, dtype=torch.bool)) and painted[0].sum() == 100
     assert torch.all(filled[0, 0, 9:19, 9:19] == 0.3)
     assert not painted[1].any() and not painted[4].any()
-    # the two rings of the 8 share a row of ink: two loops, 8 x 6 pixels each
+    # the 8's two rings touch (rows 13 and 14): two loops, 8 x 6 pixels each
     assert painted[2].sum() == 2 * 8 * 6
     # ink touching only at a corner closes the loop (background joins up, down, left and right)
     assert painted[3, 0, 9:19, 9:19].all() and painted[3].sum() == 100 and not painted[3, 0, 8, 8]
