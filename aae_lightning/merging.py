@@ -94,10 +94,10 @@ class MergedClusters(L.Callback):
     come from a seeded stream of their own, so they never change the run's random numbers.
 
     Args:
-        num_clusters: the groups, e.g. 10 for one per digit over a model of 16 clusters.
+        num_clusters: the groups, e.g. 10 for one per digit over a model of 30 clusters.
         perturbation: the copy the clusters trade images under, one that needs no gradient
             (``RandomAffine``, the default and the digit configs' consistency map, or ``RandomShift``).
-        max_images: training images the joint is estimated on (2,000 are plenty for 16 clusters).
+        max_images: training images the joint is estimated on (2,000 served 16 and 30 clusters).
         max_size: a group grows past this many times an equal share of the images only when no
             other merge is left (:func:`merge_clusters`); None for classes of very unequal sizes.
         neighbours: the joint also counts how each image's cluster meets those of its this many

@@ -76,12 +76,12 @@ def test_clustering_benchmark_runs_a_named_real_dataset(tmp_path):
     assert [line for line in lines if line.startswith("mnist-sample seed")] == ["mnist-sample seed 0", "mnist-sample seed 1"]
     (summary,) = [line for line in lines if line.startswith("test over 2 seeds mnist-sample ")]
     assert "purity=" in summary and "nmi=" in summary and "merged/acc=" in summary
-    # with MergedClusters, which of the 16 clusters each of the 10 groups holds: every cluster in one group
+    # with MergedClusters, which of the 30 clusters each of the 10 groups holds: every cluster in one group
     groups = [line.split("): ", 1)[1] for line in lines if line.startswith("test merged groups (group: its clusters): ")]
     assert len(groups) == 2
     for line in groups:
         members = [cell.split(": ")[1].split() for cell in line.split("; ")]
-        assert len(members) == 10 and sorted(int(k) for m in members for k in m) == list(range(16))
+        assert len(members) == 10 and sorted(int(k) for m in members for k in m) == list(range(30))
     assert len([line for line in lines if line.startswith("test merged groups mixing classes")]) == 2
 
 

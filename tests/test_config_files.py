@@ -36,15 +36,16 @@ def test_an_experiment_is_its_base_chain_with_its_own_keys_on_top(tmp_path, caps
 
 def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys):
     k16 = resolved_config(CONFIGS / "clustering.yaml", capsys)
+    k30 = resolved_config(CONFIGS / "clustering_30.yaml", capsys)
     k10 = resolved_config(CONFIGS / "clustering_10.yaml", capsys)
     merge = k10["trainer"]["callbacks"].pop()
     assert merge["class_path"] == "aae_lightning.MergedClusters" and merge["init_args"]["num_clusters"] == 10
-    assert k10 == k16
+    # one cluster per digit: thirty clusters merged into ten
+    assert k10 == k30
     # two self-labelled copies a step, one term with two distinct maps
     self_labelling = k16["model"]["init_args"]["terms"]["self_labelling"]["init_args"]
     assert [m["class_path"] for m in self_labelling["perturbation"]] == ["aae_lightning.RandomAffine", "aae_lightning.RandomElastic"]
 
-    k30 = resolved_config(CONFIGS / "clustering_30.yaml", capsys)
     assert k30["model"]["init_args"]["codes"]["y"]["init_args"]["prior"]["init_args"]["num_classes"] == 30
     k30["model"]["init_args"]["codes"]["y"]["init_args"]["prior"]["init_args"]["num_classes"] = 16
     terms = k30["model"]["init_args"]["terms"]
