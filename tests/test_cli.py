@@ -104,7 +104,7 @@ def test_one_flag_changes_one_term_by_name(mnist_dir):
     terms = cli.model.terms
     assert list(terms) == ["mutual_information", "consistency", "paired", "self_labelling", "contrast", "neighbours"]
     # the flags change one setting each; the rest is the config's
-    assert (terms["contrast"].weight, terms["contrast"].temperature) == (2.0, 0.2)
+    assert (terms["contrast"].weight, terms["contrast"].temperature) == (2.0, 0.5)
     assert (terms["neighbours"].start_step, terms["neighbours"].weight) == (10, 3.0)
 
 
