@@ -55,7 +55,7 @@ def test_the_shipped_variants_differ_from_their_base_only_where_they_say(capsys)
     maps = [model["terms"][name]["init_args"]["perturbation"] for name in ("consistency", "paired", "contrast")]
     assert all(m == maps[0] for m in maps)
     strong, mild = maps[0]["init_args"], model["reconstruction_perturbation"]["init_args"]
-    assert (strong["degrees"], strong["scale"], strong["shear"]) == (25, [0.8, 1.2], 10)
+    assert (strong["degrees"], strong["scale"], strong["shear"], strong["max_shift"]) == (25, [0.8, 1.2], 10, 3)
     assert (mild["degrees"], mild["scale"], mild["max_shift"]) == (5, [0.95, 1.05], 1)
 
     labels100 = resolved_config(CONFIGS / "semi_supervised_mnist_100.yaml", capsys)
