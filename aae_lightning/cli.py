@@ -24,6 +24,7 @@ from aae_lightning.predictions import PredictionWriter
 from aae_lightning.runs import RunSummary
 from aae_lightning.tracking import (
     SaveConfigToRun,
+    announce_offline,
     checkpoint_wandb_run_id,
     choose_wandb_mode,
     continue_wandb_run,
@@ -99,6 +100,7 @@ class AAECLI(LightningCLI):
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             kwargs["callbacks"] = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
         trainer = super().instantiate_trainer(**kwargs)
+        announce_offline(trainer.loggers)
         keep_checkpoints_local_offline(trainer.loggers)
         drop_deprecated_wandb_settings(trainer.loggers)
         # every run ends with a summary, and predict writes its rows to a file

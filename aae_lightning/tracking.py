@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 
 def has_wandb_credentials() -> bool:
@@ -26,8 +27,15 @@ def choose_wandb_mode() -> str:
     """
     if "WANDB_MODE" not in os.environ and not has_wandb_credentials():
         os.environ["WANDB_MODE"] = "offline"
-        print("W&B: no credentials found, logging offline under the logger's save_dir; upload later with `wandb sync DIR`")
     return os.environ.get("WANDB_MODE", "online")
+
+
+def announce_offline(loggers) -> None:
+    """Says where an offline W&B run goes, once the trainer holds a W&B logger: a run without
+    one (``--trainer.logger=false``, another logger) has nothing to say about W&B."""
+    if os.environ.get("WANDB_MODE") == "offline" and not has_wandb_credentials():
+        if any(isinstance(logger, WandbLogger) for logger in loggers):
+            rank_zero_info("W&B: no credentials found, logging offline under the logger's save_dir; upload later with `wandb sync DIR`")
 
 
 def keep_checkpoints_local_offline(loggers) -> None:

@@ -133,6 +133,24 @@ def test_precision_is_chosen_at_start_up_and_a_config_forces_either(mnist_dir, c
     assert choose_precision("mps")[0] == "32-true"
 
 
+def test_offline_wandb_is_announced_only_where_a_wandb_logger_runs(mnist_dir, caplog, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    args = ["--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}", "--data.download=false"]
+
+    def wandb_lines(extra: list[str]) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            cli_main([*args, *extra], run=False)
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("W&B:")]
+
+    (line,) = wandb_lines([])
+    assert "offline" in line and "wandb sync" in line
+    assert wandb_lines(["--trainer.logger=false"]) == []
+    assert wandb_lines(["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=csv"]) == []
+
+
 def test_unknown_config_key_fails_with_a_clear_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(CONFIGS / "basic.yaml"), "--model.init_args.learning_rate=0.1"])
