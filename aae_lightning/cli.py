@@ -30,6 +30,7 @@ from aae_lightning.tracking import (
     continue_wandb_run,
     drop_deprecated_wandb_settings,
     keep_checkpoints_local_offline,
+    make_wandb_save_dirs,
 )
 
 
@@ -103,6 +104,7 @@ class AAECLI(LightningCLI):
         announce_offline(trainer.loggers)
         keep_checkpoints_local_offline(trainer.loggers)
         drop_deprecated_wandb_settings(trainer.loggers)
+        make_wandb_save_dirs(trainer.loggers)
         # every run ends with a summary, and predict writes its rows to a file
         present = {type(cb) for cb in trainer.callbacks}
         trainer.callbacks.extend(cb() for cb in (RunSummary, PredictionWriter) if cb not in present)

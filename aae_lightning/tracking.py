@@ -48,6 +48,14 @@ def keep_checkpoints_local_offline(loggers) -> None:
             print("W&B: offline, so log_model is ignored; checkpoints stay in the local checkpoint directory")
 
 
+def make_wandb_save_dirs(loggers) -> None:
+    """wandb looks for the git repository from the logger's save_dir and warns "git root ... does
+    not exist" when a first run in a folder has not made it yet; make it before the run starts."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger.save_dir:
+            Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
+
+
 def drop_deprecated_wandb_settings(loggers) -> None:
     """Lightning's WandbLogger passes ``anonymous=None`` to ``wandb.init`` even when unset, and
     wandb (0.31) warns at every start that the setting has no effect; leave it out unless set."""

@@ -151,6 +151,15 @@ def test_offline_wandb_is_announced_only_where_a_wandb_logger_runs(mnist_dir, ca
     assert wandb_lines(["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=csv"]) == []
 
 
+def test_a_first_run_in_a_fresh_folder_draws_no_wandb_warning(mnist_dir, capfd, monkeypatch):
+    """wandb warned "git root runs does not exist" when the logger's save_dir was not made yet."""
+    monkeypatch.delenv("WANDB_SILENT")
+    cli_main(["fit", "--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}", *TINY])
+    out, err = capfd.readouterr()
+    assert "wandb: Run data is saved locally" in out + err
+    assert "wandb: WARNING" not in out + err
+
+
 def test_unknown_config_key_fails_with_a_clear_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(CONFIGS / "basic.yaml"), "--model.init_args.learning_rate=0.1"])
