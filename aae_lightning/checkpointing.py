@@ -104,6 +104,9 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be found, read or used with this model."""
 
 
+CHECKPOINT_NAMES = ("last", "best")  # --ckpt_path values that name an earlier run's checkpoint
+
+
 def find_last_checkpoint(trainer: L.Trainer) -> Path | None:
     """The newest ``last*.ckpt`` where this trainer's checkpoint callbacks write, or None.
 
@@ -119,6 +122,30 @@ def find_last_checkpoint(trainer: L.Trainer) -> Path | None:
             dirs.extend(Path(logger.save_dir or trainer.default_root_dir, str(logger.name)).glob("*/checkpoints"))
     candidates = [p for d in dirs for p in d.glob("last*.ckpt")]
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def find_best_checkpoint(last: Path) -> Path | None:
+    """The best checkpoint of the run that wrote ``last``, as ``last`` records it (the state of the
+    callback that monitors a metric), or None. Looked up beside ``last``: the recorded path may
+    be relative to where that run started, or the run's folder may have moved since."""
+    states = load_checkpoint(last).get("callbacks") or {}
+    recorded = [s["best_model_path"] for s in states.values() if isinstance(s, dict) and s.get("monitor") and s.get("best_model_path")]
+    found = [last.parent / Path(p).name for p in recorded]
+    return next((p for p in found if p.is_file()), None)
+
+
+def named_checkpoint(trainer: L.Trainer, name: str, verb: str) -> Path:
+    """``--ckpt_path last`` / ``best`` in a new process, where Lightning's own would look only in
+    the new run's (empty) folder: the newest earlier run's ``last.ckpt``, or that run's best."""
+    last = find_last_checkpoint(trainer)
+    if last is None:
+        raise CheckpointError(f"{verb}: --ckpt_path {name} found no last.ckpt from an earlier run")
+    if name == "last":
+        return last
+    best = find_best_checkpoint(last)
+    if best is None:
+        raise CheckpointError(f"{verb}: --ckpt_path best found no best checkpoint recorded in {last}, the newest run's last.ckpt")
+    return best
 
 
 def check_ckpt_path(ckpt_path: str | None, verb: str) -> None:

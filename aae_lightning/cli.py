@@ -15,7 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from aae_lightning.checkpointing import CheckpointError, check_ckpt_path, check_matches, find_last_checkpoint, load_checkpoint, upgrade_hyperparameters
+from aae_lightning.checkpointing import (CHECKPOINT_NAMES, CheckpointError, check_ckpt_path, check_matches, find_last_checkpoint, load_checkpoint,
+                                         named_checkpoint, upgrade_hyperparameters)
 from aae_lightning.config_files import expand_extends
 from aae_lightning.data import DataError, ImageDataModule
 from aae_lightning.model import AdversarialAutoencoder, NonFiniteLossError
@@ -125,7 +126,7 @@ class AAECLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         check_ckpt_path(ckpt_path, subcommand)
-        self._checkpoint = load_checkpoint(ckpt_path) if ckpt_path and ckpt_path != "last" else None
+        self._checkpoint = load_checkpoint(ckpt_path) if ckpt_path and ckpt_path not in CHECKPOINT_NAMES else None
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's: the hyperparameters a checkpoint saved override the config's. It reads them
@@ -145,22 +146,23 @@ class AAECLI(LightningCLI):
             raise
 
     def _prepare_checkpoint(self) -> None:
-        """Resolves ``--ckpt_path`` (``last``: the newest last.ckpt of earlier runs), checks the file
-        against the model before Lightning restores it, and for ``fit`` continues the W&B run it
-        came from."""
+        """Resolves ``--ckpt_path`` (``last`` / ``best``: the newest earlier run's last.ckpt / best
+        checkpoint), checks the file against the model before Lightning restores it, and for ``fit``
+        continues the W&B run it came from. Evaluating without a checkpoint is said aloud: a new
+        process's model has the config's untrained weights."""
         config = self.config_init[self.subcommand]
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is None:
+            if self.subcommand != "fit":
+                print(f"{self.subcommand}: no --ckpt_path, so these are untrained weights; give a checkpoint file, `best` or `last`")
             return
-        if ckpt_path == "last":
-            found = find_last_checkpoint(self.trainer)
-            if found is None and self.subcommand == "fit":
-                print("resume: no last.ckpt from an earlier run was found; starting from scratch")
-                config.ckpt_path = None
-                return
-            if found is None:
-                raise CheckpointError(f"{self.subcommand}: --ckpt_path last found no last.ckpt from an earlier run")
-            print(f"{self.subcommand}: --ckpt_path last is {found}")
+        if ckpt_path == "last" and self.subcommand == "fit" and find_last_checkpoint(self.trainer) is None:
+            print("resume: no last.ckpt from an earlier run was found; starting from scratch")
+            config.ckpt_path = None
+            return
+        if ckpt_path in CHECKPOINT_NAMES:
+            found = named_checkpoint(self.trainer, ckpt_path, self.subcommand)
+            print(f"{self.subcommand}: --ckpt_path {ckpt_path} is {found}")
             ckpt_path = config.ckpt_path = str(found)
             self._checkpoint = load_checkpoint(found)
         check_matches(self._checkpoint, self.model, ckpt_path)

@@ -194,12 +194,12 @@ def main(argv: list[str]) -> None:
     without training. Other arguments (``--data.data_dir=...``) go to the CLI as in ``fit``."""
     import argparse
 
-    from aae_lightning.checkpointing import check_ckpt_path, check_matches, load_checkpoint
+    from aae_lightning.checkpointing import CHECKPOINT_NAMES, check_ckpt_path, check_matches, load_checkpoint, named_checkpoint
     from aae_lightning.cli import cli_main, one_line_errors
     from aae_lightning.runs import checkpoint_run_directory
 
     parser = argparse.ArgumentParser(prog="python -m aae_lightning figures", description=main.__doc__)
-    parser.add_argument("--ckpt_path", required=True, help="the trained model")
+    parser.add_argument("--ckpt_path", required=True, help="the trained model: a file, or `best` / `last` of the newest earlier run")
     parser.add_argument("--split", choices=("val", "test"), default="test")
     parser.add_argument("--output", help="default: figures/<split> in the checkpoint's run folder")
     parser.add_argument("--images_per_cluster", type=int, default=10)
@@ -209,13 +209,14 @@ def main(argv: list[str]) -> None:
     cli = cli_main(cli_args, run=False)
     with one_line_errors():
         check_ckpt_path(opts.ckpt_path, "figures")
-        checkpoint = load_checkpoint(opts.ckpt_path)
-        check_matches(checkpoint, cli.model, opts.ckpt_path)
+        ckpt_path = named_checkpoint(cli.trainer, opts.ckpt_path, "figures") if opts.ckpt_path in CHECKPOINT_NAMES else opts.ckpt_path
+        checkpoint = load_checkpoint(ckpt_path)
+        check_matches(checkpoint, cli.model, ckpt_path)
         cli.model.load_state_dict(checkpoint["state_dict"])
         cli.datamodule.setup("validate" if opts.split == "val" else "test")
         images, labels = cli.datamodule.splits[opts.split][:2]
     torch.manual_seed(opts.seed)
     outputs = encode_split(cli.model, images, labels)
-    folder = Path(opts.output) if opts.output else checkpoint_run_directory(opts.ckpt_path) / "figures" / opts.split
+    folder = Path(opts.output) if opts.output else checkpoint_run_directory(ckpt_path) / "figures" / opts.split
     paths = save_images(all_figures(cli.model, outputs, opts.images_per_cluster, opts.num_styles), folder)
     print(f"figures: wrote {len(paths)} PNG files to {folder}: {', '.join(p.name for p in paths)}", flush=True)

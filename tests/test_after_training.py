@@ -100,9 +100,34 @@ def test_figures_verb_draws_a_checkpoint_on_a_split(mnist_dir, offline_wandb, ca
     assert Image.open(folder / "samples_style_content.png").size == (2 + 16 * 30, 2 + 10 * 30)
 
 
+def test_evaluation_verbs_take_the_newest_runs_best_checkpoint(mnist_dir, offline_wandb, capsys):
+    """``--ckpt_path best`` in a new process is the best checkpoint of the newest earlier run, not
+    its last.ckpt. Here the best is the highest reconstruction loss, epoch 0 of three, as a real
+    run's validation peak comes before its end; and a verb without a checkpoint says that its weights
+    are untrained."""
+    peaks_first = '[{class_path: aae_lightning.BestCheckpoint, init_args: {monitor: val/recon_loss, mode: max}}]'
+    last = fit(str(CONFIGS / "basic.yaml"), mnist_dir, "--trainer.max_epochs=3", f"--trainer.callbacks={peaks_first}")
+    (best,) = last.parent.glob("epoch=0-*.ckpt")
+    args = ["--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}", *EVAL]
+
+    def test_loss(ckpt_path: str) -> float:
+        cli = cli_main(["test", *args, "--ckpt_path", ckpt_path])
+        return float(cli.trainer.callback_metrics["test/recon_loss"])
+
+    capsys.readouterr()
+    by_name = test_loss("best")
+    assert f"test: --ckpt_path best is {best.relative_to(offline_wandb)}" in capsys.readouterr().out
+    assert by_name == test_loss(str(best)) != test_loss(str(last))
+    cli_main(["figures", *args, "--ckpt_path", "best", "--split", "val"])
+    assert "figures: wrote" in capsys.readouterr().out and (last.parent.parent / "figures" / "val" / "latent_z.png").is_file()
+    cli_main(["test", *args])
+    assert "test: no --ckpt_path, so these are untrained weights" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("verb", ["predict", "figures"])
-@pytest.mark.parametrize("ckpt_path, message", [("", "--ckpt_path is empty"), ("missing.ckpt", "missing.ckpt does not exist")])
-def test_bad_checkpoint_path_is_one_line(verb, ckpt_path, message, mnist_dir, capsys):
+@pytest.mark.parametrize("ckpt_path, message", [("", "--ckpt_path is empty"), ("missing.ckpt", "missing.ckpt does not exist"),
+                                                 ("best", "--ckpt_path best found no last.ckpt from an earlier run")])
+def test_bad_checkpoint_path_is_one_line(verb, ckpt_path, message, mnist_dir, offline_wandb, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main([verb, "--config", CLUSTERING, f"--data.data_dir={mnist_dir}", f"--ckpt_path={ckpt_path}", *EVAL])
     assert exit_info.value.code == 2
