@@ -47,6 +47,9 @@ def quiet_known_noise() -> None:
     # validate/test/predict from a checkpoint of a weight-averaged run: its state_dict already holds
     # the average, which is what should be evaluated
     warnings.filterwarnings("ignore", message="You're using the WeightAveraging callback, but loading a checkpoint outside")
+    # validate/test/predict from a checkpoint of a fit with --trainer.max_time: the Timer's state
+    # (the time the fit had left) means nothing to them
+    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`.*: \['Timer'\]\.$")
     # predict's rows carry their dataset index (our loaders batch by index, without a sampler)
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
     # manual optimization + every_n_train_steps: Lightning offers to save the weights from before
