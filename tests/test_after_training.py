@@ -129,6 +129,17 @@ def test_evaluation_verbs_take_the_newest_runs_best_checkpoint(mnist_dir, offlin
     assert "test: no --ckpt_path, so these are untrained weights" in capsys.readouterr().out
 
 
+def test_best_of_a_run_that_monitored_nothing_is_one_line(mnist_dir, offline_wandb, capsys):
+    only_last = "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {save_last: true}}]"
+    last = fit(str(CONFIGS / "basic.yaml"), mnist_dir, only_last)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["test", "--config", str(CONFIGS / "basic.yaml"), f"--data.data_dir={mnist_dir}", "--ckpt_path", "best", *EVAL])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    recorded = last.relative_to(offline_wandb)
+    assert err == [f"error: test: --ckpt_path best found no best checkpoint recorded in {recorded}, the newest run's last.ckpt"]
+
+
 @pytest.mark.parametrize("verb", ["predict", "figures"])
 @pytest.mark.parametrize("ckpt_path, message", [("", "--ckpt_path is empty"), ("missing.ckpt", "missing.ckpt does not exist"),
                                                  ("best", "--ckpt_path best found no last.ckpt from an earlier run")])
