@@ -135,8 +135,9 @@ def find_best_checkpoint(last: Path) -> Path | None:
 
 
 def named_checkpoint(trainer: L.Trainer, name: str, verb: str) -> Path:
-    """``--ckpt_path last`` / ``best`` in a new process, where Lightning's own would look only in
-    the new run's (empty) folder: the newest earlier run's ``last.ckpt``, or that run's best."""
+    """``--ckpt_path last`` / ``best`` in a new process, where Lightning's own would look only at
+    the new run (its empty folder, its fit's best, which there is none of): the newest earlier
+    run's ``last.ckpt``, or that run's best."""
     last = find_last_checkpoint(trainer)
     if last is None:
         raise CheckpointError(f"{verb}: --ckpt_path {name} found no last.ckpt from an earlier run")
